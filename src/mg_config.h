@@ -1,0 +1,120 @@
+/* mg_config: the gateway's configuration, evaluated from a Lua file and validated completely
+ * before use. The Lua half (lua/moongate/config.lua) runs the user's file in a minimal
+ * environment and checks it against a schema; this module turns the checked table into the
+ * plain C structs below, which the master and the workers read (never write) after loading.
+ * All strings and arrays are owned by the mg_config_t and freed by mg_config_free(). */
+#ifndef MG_CONFIG_H
+#define MG_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Bit per HTTP method a route accepts; MG_METHOD_ANY = no method named. */
+enum {
+  MG_M_GET = 1 << 0, MG_M_HEAD = 1 << 1, MG_M_POST = 1 << 2, MG_M_PUT = 1 << 3,
+  MG_M_DELETE = 1 << 4, MG_M_PATCH = 1 << 5, MG_M_OPTIONS = 1 << 6, MG_M_TRACE = 1 << 7,
+  MG_M_CONNECT = 1 << 8, MG_M_OTHER = 1 << 9, MG_METHOD_ANY = 0x3ff
+};
+
+/* A listening address. name is NULL for the default listener (routes that name none). */
+typedef struct mg_listen_conf {
+  char *name;       /* "demo", or NULL for the default listener */
+  char *host;       /* bind address, default "0.0.0.0" */
+  int port;
+  int backlog;      /* default 511 */
+} mg_listen_conf_t;
+
+/* One target of an upstream: host may be an IP literal or a DNS name. */
+typedef struct mg_target_conf {
+  char *host;
+  int port;
+  int weight;       /* default 1 */
+} mg_target_conf_t;
+
+typedef struct mg_upstream_conf {
+  char *name;
+  mg_target_conf_t *targets;
+  size_t ntargets;
+  double connect_timeout;   /* seconds, default 5 */
+  double send_timeout;      /* seconds, default 60 */
+  double read_timeout;      /* seconds, default 60 ("timeout = N" sets this one) */
+  int keepalive_max_idle;   /* idle connections kept per target per worker, default 32 */
+  double keepalive_timeout; /* idle seconds before an idle connection is closed, default 60 */
+  int keepalive_requests;   /* requests per connection before it is retired, default 1000 */
+  int max_fails;            /* consecutive failures that eject a target, default 3; 0 = never */
+  double fail_timeout;      /* seconds a target stays ejected, default 10 */
+  double dns_ttl;           /* seconds a resolved name is cached, default 30 */
+  char *file; int line;     /* where it was declared */
+} mg_upstream_conf_t;
+
+/* What a route does with the Host header it sends upstream. */
+typedef enum { MG_HOST_PASS = 0, MG_HOST_UPSTREAM, MG_HOST_FIXED } mg_host_policy_t;
+
+typedef struct mg_header_conf { char *name; char *value; } mg_header_conf_t;
+
+typedef struct mg_route_conf {
+  char *file; int line;       /* where `route "..."` was written */
+  char *spec;                 /* the route string as written, e.g. "GET /users/:id" */
+  unsigned methods;           /* MG_M_* bits, MG_METHOD_ANY when none was named */
+  char *path;                 /* "/users/:id", "/static/*", "/" */
+  char **hosts;               /* exact "api.example.com" or wildcard "*.example.com" */
+  size_t nhosts;              /* 0 = any host */
+  char *listen;               /* listener name, NULL = the default listener */
+  char *name;                 /* name for logs, default = spec */
+  /* proxy action */
+  char *upstream;             /* upstream name, or NULL when the route responds itself */
+  char *strip_prefix;         /* removed from the start of the path before proxying */
+  char *rewrite;              /* replaces the matched path; may use :param and * */
+  mg_host_policy_t host_policy;
+  char *host_value;           /* for MG_HOST_FIXED */
+  /* fixed-response action */
+  int respond_status;         /* 0 = not a fixed-response route */
+  char *respond_body;         /* body bytes (a table body was encoded as JSON) */
+  size_t respond_body_len;
+  mg_header_conf_t *respond_headers;
+  size_t nrespond_headers;
+  size_t max_body;            /* request body limit for this route, default limits.body */
+} mg_route_conf_t;
+
+/* Protective limits and timeouts (DESIGN.md "Defaults that protect it"). */
+typedef struct mg_limits_conf {
+  size_t header_bytes;        /* whole request head, default 16 KiB -> 431 */
+  size_t header_count;        /* default 100 -> 431 */
+  size_t uri_bytes;           /* default 8 KiB -> 414 */
+  size_t body_bytes;          /* default 1 MiB -> 413 */
+  size_t chunk_ext_bytes;     /* chunk-extension bytes per request, default 4 KiB -> 400 */
+  double header_timeout;      /* total seconds to receive a request head, default 10 -> 408 */
+  double body_timeout;        /* idle seconds between body reads, default 30 -> 408 */
+  double keepalive_timeout;   /* idle keep-alive seconds, default 60 */
+  int keepalive_requests;     /* requests per client connection, default 1000 */
+  double send_timeout;        /* seconds a write to the client may stall, default 60 */
+  int max_connections;        /* per worker, default 10000 */
+} mg_limits_conf_t;
+
+typedef struct mg_config {
+  char *file;                 /* absolute path of the config file */
+  int workers;                /* 0 = one per core ("auto") */
+  char *pid_file;             /* default "/tmp/moongate.pid" */
+  double drain_timeout;       /* seconds to finish in-flight requests on stop, default 10 */
+  char *access_log;           /* path, "stdout", or NULL/"off" */
+  char *error_log;            /* path or "stderr" (default) */
+  int log_level;              /* MG_LOG_* from mg_log.h, default info */
+  char **redact_query;        /* query parameter names redacted in logs */
+  size_t nredact_query;
+  mg_limits_conf_t limits;
+  mg_listen_conf_t *listens; size_t nlistens;
+  mg_upstream_conf_t *upstreams; size_t nupstreams;
+  mg_route_conf_t *routes; size_t nroutes;
+} mg_config_t;
+
+/* Loads and validates FILE. On success returns 0 and fills *cfg. On failure returns -1 and
+ * sets *errors to a malloc'd text of one "file:line: message" line per problem (caller frees). */
+int mg_config_load(const char *file, mg_config_t *cfg, char **errors);
+
+/* Frees everything the config owns (safe on a zeroed struct). */
+void mg_config_free(mg_config_t *cfg);
+
+/* Finds an upstream by name, or NULL. */
+const mg_upstream_conf_t *mg_config_upstream(const mg_config_t *cfg, const char *name);
+
+#endif
