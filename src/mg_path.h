@@ -11,7 +11,11 @@
  * resolved (a ".." above the root is an error); %XX of unreserved characters (ALPHA DIGIT
  * - . _ ~) is decoded, every other %XX is kept with upper-case hex digits; %2F and
  * backslashes are never decoded or treated as separators; malformed %-escapes, NUL and
- * control bytes are errors. Dot segments are resolved after decoding (`/%2e%2e/` is `..`).
+ * control bytes (0x00-0x1F, 0x7F), raw or %-encoded, are errors. Dot segments are resolved
+ * after decoding (`/x/%2e%2e/y` is `/y`); a trailing slash is kept, and a trailing dot
+ * segment leaves one (`/a/b/..` is `/a/`), as in RFC 3986. Other bytes, including those
+ * above 0x7F, are copied as they are. The result is never longer than LEN, and normalising
+ * it again gives the same bytes.
  * Returns 0, or -1 when the path is invalid (the caller answers 400). */
 int mg_path_normalize(const char *in, size_t len, char *out, size_t *outlen);
 
