@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""Helpers for scripts/bench.sh.
+
+    report.py parse-wrk FILE
+        Prints "requests rps p50_ms p99_ms errors" from a `wrk --latency` output
+        (errors = non-2xx/3xx responses + socket errors); "0 0 0 0 -1" when unreadable.
+
+    report.py render DIR
+        Renders DIR/meta.env, DIR/status.tsv, DIR/runs.tsv and DIR/mem.tsv (written by
+        bench.sh) as a Markdown report on stdout.
+"""
+import os
+import re
+import statistics
+import sys
+
+TARGETS = ["direct", "nginx", "haproxy", "moongate"]
+LABELS = {
+    "direct": "direct (wrk → origin)",
+    "nginx": "nginx `proxy_pass`",
+    "haproxy": "HAProxy",
+    "moongate": "moongate",
+}
+SCENARIOS = [("12", "12-byte response (`hello world\\n`)"), ("1k", "1 KiB response")]
+UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
+
+
+def to_ms(text):
+    m = re.fullmatch(r"([0-9.]+)(us|ms|s|m|h)", text.strip())
+    if not m:
+        return None
+    return float(m.group(1)) * UNIT_MS[m.group(2)]
+
+
+def parse_wrk(path):
+    try:
+        text = open(path, encoding="utf-8", errors="replace").read()
+    except OSError:
+        return None
+    req = re.search(r"^\s*(\d+) requests in", text, re.M)
+    rps = re.search(r"^Requests/sec:\s*([0-9.]+)", text, re.M)
+    lat = {}
+    for pct, val in re.findall(r"^\s*(50|99)%\s+(\S+)", text, re.M):
+        lat[pct] = to_ms(val)
+    if not req or not rps or lat.get("50") is None or lat.get("99") is None:
+        return None
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", text)
+    if m:
+        errors += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    return int(req.group(1)), float(rps.group(1)), lat["50"], lat["99"], errors
+
+
+def read_tsv(path):
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.rstrip("\n")
+                if line:
+                    rows.append(line.split("\t"))
+    except OSError:
+        pass
+    return rows
+
+
+def read_meta(path):
+    meta = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                k, _, v = line.rstrip("\n").partition("=")
+                meta[k] = v
+    except OSError:
+        pass
+    return meta
+
+
+def fmt_int(x):
+    return "{:,}".format(int(round(x)))
+
+
+def fmt_ms(x):
+    if x < 1:
+        return "%.0f µs" % (x * 1000)
+    if x < 10:
+        return "%.2f ms" % x
+    return "%.1f ms" % x
+
+
+def fmt_ratio(x, base):
+    if x is None or not base:
+        return "—"
+    return "%.2f×" % (x / base)
+
+
+def render(d):
+    meta = read_meta(os.path.join(d, "meta.env"))
+    status = {r[0]: r[1] for r in read_tsv(os.path.join(d, "status.tsv")) if len(r) >= 2}
+    runs = read_tsv(os.path.join(d, "runs.tsv"))
+    mem = read_tsv(os.path.join(d, "mem.tsv"))
+    clk = float(meta.get("clk_tck", "100") or 100)
+    out = []
+    w = out.append
+
+    w("## moongate benchmark")
+    w("")
+    w("- Date: %s" % meta.get("date", "?"))
+    w("- Machine: %s CPUs, %s, Linux %s" % (meta.get("nproc", "?"), meta.get("cpu", "?"),
+                                             meta.get("kernel", "?")))
+    w("- Versions: %s" % meta.get("versions", "?"))
+    w("- Method: origin = %s on CPU 1; proxy under test (one worker/thread) on CPU 0; "
+      "`wrk -t1 -c50 -d%ss --latency` on CPU 1. %s interleaved rounds (direct, nginx, "
+      "HAProxy, moongate, then again); each cell is the median of the rounds, the req/s range "
+      "is min–max. CPU = utime+stime of all the proxy's processes (/proc/PID/stat) over the "
+      "run divided by the requests wrk completed.%s"
+      % (meta.get("origin", "nginx"), meta.get("duration", "?"), meta.get("rounds", "3"),
+         " **Quick mode (BENCH_QUICK=1): short runs, numbers are rough.**"
+         if meta.get("quick") == "1" else ""))
+    w("")
+
+    notes = []
+    for scen, title in SCENARIOS:
+        w("### %s" % title)
+        w("")
+        w("| Target | req/s (min–max) | req/s vs nginx | p50 | p99 | CPU µs/req | CPU vs nginx |")
+        w("|---|---:|---:|---:|---:|---:|---:|")
+        med = {}
+        for t in TARGETS:
+            rs = [r for r in runs if len(r) >= 9 and r[0] == scen and r[1] == t]
+            good = [r for r in rs if int(r[3]) > 0]
+            if not good:
+                med[t] = None
+                continue
+            rps = [float(r[4]) for r in good]
+            cpu = [int(r[8]) * 1e6 / clk / int(r[3]) for r in good if r[8] != "-"]
+            errs = sum(int(r[7]) for r in good)
+            if errs:
+                notes.append("%s / %s: wrk counted %d errors (non-2xx or socket errors) over "
+                             "the rounds." % (LABELS[t], scen, errs))
+            if len(good) < len(rs):
+                notes.append("%s / %s: %d of %d runs produced no wrk result."
+                             % (LABELS[t], scen, len(rs) - len(good), len(rs)))
+            med[t] = {
+                "rps": statistics.median(rps), "min": min(rps), "max": max(rps),
+                "p50": statistics.median(float(r[5]) for r in good),
+                "p99": statistics.median(float(r[6]) for r in good),
+                "cpu": statistics.median(cpu) if cpu else None,
+            }
+        base = med.get("nginx")
+        proxies = [med[t]["rps"] for t in TARGETS[1:] if med[t]]
+        if med["direct"] and proxies:
+            head = med["direct"]["rps"] / max(proxies)
+            if head >= 1.15:
+                notes.append("%s: the origin and wrk alone (direct) do %.2f× the fastest proxy's "
+                             "rate, so CPU 1 is not what limits the proxied runs." % (scen, head))
+            else:
+                notes.append("%s: direct is only %.2f× the fastest proxy's rate: wrk + origin on "
+                             "CPU 1 may be the bottleneck; proxy figures may be understated."
+                             % (scen, head))
+        for t in TARGETS:
+            m = med[t]
+            if m is None:
+                why = status.get(t, "no result")
+                w("| %s | %s: %s | | | | | |" % (LABELS[t], t, why))
+                continue
+            w("| %s | %s (%s–%s) | %s | %s | %s | %s | %s |" % (
+                LABELS[t], fmt_int(m["rps"]), fmt_int(m["min"]), fmt_int(m["max"]),
+                fmt_ratio(m["rps"], base["rps"] if base else None),
+                fmt_ms(m["p50"]), fmt_ms(m["p99"]),
+                "%.1f" % m["cpu"] if m["cpu"] is not None else "—",
+                fmt_ratio(m["cpu"], base["cpu"] if base else None)
+                if m["cpu"] is not None else "—"))
+        w("")
+
+    w("### Memory per client connection")
+    w("")
+    w("RSS summed over all the proxy's processes (VmRSS from /proc), fresh proxy per "
+      "measurement: (peak or held RSS − RSS before) / connections. User-space memory only; "
+      "the kernel's socket buffers are not counted.")
+    w("")
+    w("| Proxy | %s active keep-alive (wrk) KiB/conn | vs nginx | %s idle KiB/conn | vs nginx |"
+      % (fmt_int(float(meta.get("active_conns", "1000"))),
+         fmt_int(float(meta.get("idle_conns", "10000")))))
+    w("|---|---:|---:|---:|---:|")
+    memv = {}
+    for r in mem:
+        # proxy kind conns before_kb after_kb note
+        if len(r) >= 6:
+            memv.setdefault(r[0], {})[r[1]] = r
+    def per_conn(p, kind):
+        r = memv.get(p, {}).get(kind)
+        if not r or r[3] == "-" or r[4] == "-" or int(r[2]) <= 0:
+            return None
+        return (int(r[4]) - int(r[3])) / int(r[2])
+    for p in ("nginx", "moongate"):
+        a, i = per_conn(p, "active"), per_conn(p, "idle")
+        if a is None and i is None:
+            w("| %s | %s: %s | | | |" % (LABELS[p], p, status.get(p, "no result")))
+            continue
+        cells = []
+        for v, kind in ((a, "active"), (i, "idle")):
+            cells.append("%.2f" % v if v is not None else "n/a")
+            cells.append(fmt_ratio(v, per_conn("nginx", kind)) if v is not None else "—")
+        w("| %s | %s |" % (LABELS[p], " | ".join(cells)))
+    if memv.get("nginx"):
+        notes.append("nginx allocates and initialises its connection and event arrays for "
+                     "worker_connections (20,000 here) at start, so that memory is in its "
+                     "\"before\" figure, not in the per-connection difference.")
+    for p in ("nginx", "moongate"):
+        for kind in ("active", "idle"):
+            r = memv.get(p, {}).get(kind)
+            if r and r[3] != "-" and r[4] != "-":
+                notes.append("%s %s: RSS %s KiB before, %s KiB with %s connections%s."
+                             % (p, kind, fmt_int(float(r[3])), fmt_int(float(r[4])),
+                                fmt_int(float(r[2])), ("; " + r[5]) if r[5] not in ("", "-")
+                                else ""))
+            elif r and r[5] not in ("", "-"):
+                notes.append("%s %s: %s." % (p, kind, r[5]))
+    w("")
+    if notes:
+        w("Notes:")
+        w("")
+        for n in notes:
+            w("- " + n)
+        w("")
+    sys.stdout.write("\n".join(out))
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "parse-wrk":
+        r = parse_wrk(sys.argv[2])
+        if r is None:
+            print("0 0 0 0 -1")
+        else:
+            print("%d %.2f %.4f %.4f %d" % r)
+        return 0
+    if len(sys.argv) == 3 and sys.argv[1] == "render":
+        render(sys.argv[2])
+        return 0
+    sys.stderr.write(__doc__)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
