@@ -636,6 +636,15 @@ class UpConn:
             if not self._fill(deadline):
                 return None
 
+    def wait_head(self, timeout=5):
+        """Waits until a whole request head is buffered, without consuming it (read_request
+        then reads the request). Returns False on EOF or timeout."""
+        deadline = time.monotonic() + timeout
+        while _split_head(self.buf) < 0:
+            if self.eof or not self._fill(deadline):
+                return False
+        return True
+
     def read_head(self, timeout=5):
         """Reads only up to the end of a request head, returning (Request without body, bytes
         of the body already buffered). For tests that stream or inspect bodies themselves."""
@@ -1117,7 +1126,49 @@ def error_json(resp):
     return doc
 
 
-__all__ = ["free_port", "Upstream", "UpConn", "Gateway", "raw", "request", "parse_responses",
+def assert_rejected(port, data, status, timeout=3.0, close=True):
+    """Sends data on a fresh connection and checks the gateway's answer: exactly one response,
+    with a status in `status` (an int or a tuple), a JSON error body, and (close=True)
+    `Connection: close` and the connection closed. Returns the Response."""
+    statuses = status if isinstance(status, (tuple, list, set, frozenset)) else (status,)
+    c = Client(port, timeout)
+    try:
+        c.send(data)
+        closed = None
+        if close:
+            closed = c.closed(timeout)
+        else:
+            deadline = time.monotonic() + timeout
+            while not c.eof and not _has_final(c.buf) and time.monotonic() < deadline:
+                c._fill(deadline - time.monotonic())
+        rs = parse_responses(c.buf)
+    finally:
+        c.close()
+    assert rs, "no response to %r (closed=%s)" % (data[:200], closed)
+    r = rs[0]
+    assert r.status in statuses, "expected %s for %r, got %r" % (statuses, data[:200], r)
+    error_json(r)
+    assert r.header("x-request-id"), r
+    if close:
+        assert "close" in (r.header("connection") or "").lower(), \
+            "no Connection: close on %r" % r
+        assert closed, "gateway kept the connection open after %r" % r
+        assert len(rs) == 1, "more than one response: %r" % rs
+    return r
+
+
+def assert_serves(port, upstream=None, path="/after-check", timeout=5):
+    """A follow-up request on a fresh connection gets a 2xx (and reaches upstream, if given):
+    the worker survived whatever the test sent before."""
+    r = request(port, "GET", path, timeout=timeout)
+    assert 200 <= r.status < 300, "follow-up request failed: %r" % r
+    if upstream is not None:
+        assert upstream.wait_requests(1, timeout) and \
+            upstream.requests[-1].target == path, upstream.requests
+    return r
+
+
+__all__ = ["assert_rejected", "assert_serves", "free_port", "Upstream", "UpConn", "Gateway", "raw", "request", "parse_responses",
            "parse_one_response", "Response", "Request", "Client", "connect", "http_response",
            "wait_for", "rss_kib", "pid_alive", "run_cli", "cleanup_all", "error_json",
            "moongate_bin", "HOST"]
