@@ -11,14 +11,18 @@
 
 enum { MG_LOG_DEBUG = 0, MG_LOG_INFO, MG_LOG_WARN, MG_LOG_ERROR, MG_LOG_OFF };
 
-/* Opens the error log: PATH is a file, "stderr" or NULL (stderr). LEVEL is MG_LOG_*.
- * Returns 0 or a negative errno. */
+/* Opens the error log: PATH is a file, "stderr" or NULL (stderr). LEVEL is MG_LOG_*. Until
+ * it is called, lines of level info and above go to stderr. Calling it again (log rotation)
+ * closes the previous file once the new one is open. Returns 0 or a negative errno (the
+ * current log is kept). */
 int mg_log_open(const char *path, int level);
 
 /* Returns the MG_LOG_* value for "debug", "info", "warn", "error", "off", or -1. */
 int mg_log_level_parse(const char *name);
 
-/* Writes one error-log line: "2026-11-27T10:30:19.123Z [warn] pid=123 message\n". */
+/* Writes one error-log line: "2026-11-27T10:30:19.123Z [warn] pid=123 message\n", in one
+ * write(2). Control bytes in the message other than newline and tab are written as \xHH.
+ * errno is preserved. */
 void mg_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #define mg_log_debug(...) mg_log(MG_LOG_DEBUG, __VA_ARGS__)
@@ -47,7 +51,11 @@ typedef struct mg_access_entry {
 
 /* Opens the access log on LOOP: PATH is a file, "stdout", or NULL/"off" (disabled).
  * REDACT lists query parameter names whose values are replaced by "[redacted]" in the logged
- * target (matched case-insensitively). Returns 0 or a negative errno. */
+ * target (matched case-insensitively, after percent-decoding the name; the names are copied).
+ * Call it in each worker after fork: the buffer is per process. LOOP may be NULL (no 100 ms
+ * timer: flushes at 32 KiB and on mg_access_log_flush only). Calling it again closes the
+ * previous log (flushing it to the previous file). Returns 0 or a negative errno (the
+ * current log is kept). */
 int mg_access_log_open(uv_loop_t *loop, const char *path, char **redact, size_t nredact);
 
 /* Appends one JSON line for E (control bytes and quotes escaped, so a client cannot forge a

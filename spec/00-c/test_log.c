@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -403,8 +404,96 @@ static void test_access_off_and_errors(void) {
   unlink(path);
 }
 
+/* Redirects fd 1 to a pipe and returns the read end, with the old fd 1 in *SAVED. */
+static int stdout_to_pipe(int *saved) {
+  int fds[2];
+  fflush(stdout);
+  if (pipe(fds) != 0) MG_FAIL("pipe: %s", strerror(errno));
+  *saved = dup(STDOUT_FILENO);
+  dup2(fds[1], STDOUT_FILENO);
+  close(fds[1]);
+  return fds[0];
+}
+
+static void restore_stdout(int saved) {
+  dup2(saved, STDOUT_FILENO);
+  close(saved);
+}
+
+static void test_access_pipe_keeps_lines_whole(void) {
+  int saved, rd = stdout_to_pipe(&saved);
+  int rc = mg_access_log_open(&loop, "stdout", NULL, 0);
+  /* Lines of about 1.5 KiB: the flush goes out in PIPE_BUF pieces cut between lines. */
+  static char ua[1500];
+  memset(ua, 'u', sizeof(ua));
+  mg_access_entry_t e = full_entry();
+  e.user_agent = ua;
+  e.user_agent_len = sizeof(ua);
+  for (int i = 0; i < 20; i++) mg_access_log_write(&e);
+  close_access_log();
+  restore_stdout(saved);
+  size_t len = 0;
+  ssize_t n;
+  while ((n = read(rd, file_buf + len, sizeof(file_buf) - 1 - len)) > 0) len += (size_t)n;
+  close(rd);
+  file_buf[len] = '\0';
+  MG_CHECK_INT(rc, 0);
+  int lines = 0;
+  for (char *p = file_buf; (p = strchr(p, '\n')); p++) lines++;
+  MG_CHECK_INT(lines, 20);
+  check_json_lines();
+}
+
+static void test_access_write_error_reported_once(void) {
+  const char *path = temp_file();
+  char err_path[64];
+  strcpy(err_path, path);
+  MG_CHECK_INT(mg_log_open(err_path, MG_LOG_INFO), 0);
+  int saved, rd = stdout_to_pipe(&saved);
+  close(rd); /* nobody reads: writes fail with EPIPE (SIGPIPE is ignored in main) */
+  int rc = mg_access_log_open(&loop, "stdout", NULL, 0);
+  mg_access_entry_t e = full_entry();
+  mg_access_log_write(&e);
+  mg_access_log_flush();
+  mg_access_log_write(&e);
+  mg_access_log_flush();
+  close_access_log();
+  restore_stdout(saved);
+  mg_log_open(NULL, MG_LOG_INFO);
+  MG_CHECK_INT(rc, 0);
+  read_file(err_path);
+  unlink(err_path);
+  char *first = strstr(file_buf, "[error]");
+  MG_CHECK(first != NULL);
+  MG_CHECK(strstr(first, "access log: write failed, lines lost: Broken pipe\n") != NULL);
+  MG_CHECK(strstr(first + 1, "[error]") == NULL); /* once, not once per flush */
+}
+
+static void test_access_huge_line(void) {
+  const char *path = temp_file();
+  MG_CHECK_INT(mg_access_log_open(&loop, path, NULL, 0), 0);
+  size_t ua_len = 200 * 1024;
+  char *ua = malloc(ua_len);
+  MG_CHECK(ua != NULL);
+  memset(ua, '"', ua_len); /* each one doubles when escaped */
+  mg_access_entry_t e = full_entry();
+  e.user_agent = ua;
+  e.user_agent_len = ua_len;
+  mg_access_log_write(&e); /* larger than the buffer: written at once */
+  free(ua);
+  size_t len = read_file(path);
+  MG_CHECK(len > 2 * ua_len);
+  mg_access_entry_t small = full_entry();
+  mg_access_log_write(&small); /* the buffer starts again at its normal size */
+  close_access_log();
+  MG_CHECK(read_file(path) > len);
+  check_json_lines();
+  unlink(path);
+}
+
 int main(void) {
   umask(022);
+  signal(SIGPIPE, SIG_IGN);
   uv_loop_init(&loop);
   MG_RUN(test_level_parse);
   MG_RUN(test_error_log_format_and_filter);
@@ -418,6 +507,9 @@ int main(void) {
   MG_RUN(test_access_flush_at_32k);
   MG_RUN(test_access_stdout);
   MG_RUN(test_access_off_and_errors);
+  MG_RUN(test_access_pipe_keeps_lines_whole);
+  MG_RUN(test_access_write_error_reported_once);
+  MG_RUN(test_access_huge_line);
   close_access_log();
   uv_run(&loop, UV_RUN_DEFAULT);
   if (uv_loop_close(&loop) != 0) {
