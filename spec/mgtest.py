@@ -430,7 +430,7 @@ class Client:
         if not r:
             return 0
         try:
-            chunk = self.sock.recv(65536)
+            chunk = self.sock.recv(1 << 18)
         except ConnectionResetError:
             self.eof = True
             self.reset = True
@@ -575,7 +575,7 @@ class UpConn:
             self.timed_out = True
             return False
         try:
-            chunk = self.sock.recv(65536)
+            chunk = self.sock.recv(1 << 18)
         except OSError:
             chunk = b""
         if not chunk:
