@@ -56,7 +56,7 @@ typedef struct mg_route_conf {
   char *file; int line;       /* where `route "..."` was written */
   char *spec;                 /* the route string as written, e.g. "GET /users/:id" */
   unsigned methods;           /* MG_M_* bits, MG_METHOD_ANY when none was named */
-  char *path;                 /* "/users/:id", "/static/*", "/" */
+  char *path;                 /* "/users/:id", "/static/" + "*", "/" */
   char **hosts;               /* exact "api.example.com" or wildcard "*.example.com" */
   size_t nhosts;              /* 0 = any host */
   char *listen;               /* listener name, NULL = the default listener */

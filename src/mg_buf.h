@@ -1,0 +1,38 @@
+/* mg_buf: a growable byte buffer, the one container the HTTP engine builds heads and bodies in.
+ * The struct is embedded by its owner (mg_buf_init / mg_buf_dispose); memory comes from malloc. */
+#ifndef MG_BUF_H
+#define MG_BUF_H
+
+#include <stddef.h>
+
+typedef struct mg_buf {
+  char *data;
+  size_t len;
+  size_t cap;
+} mg_buf_t;
+
+/* Starts an empty buffer (no allocation). */
+void mg_buf_init(mg_buf_t *b);
+
+/* Frees the memory and leaves an empty buffer. */
+void mg_buf_dispose(mg_buf_t *b);
+
+/* Makes room for N more bytes; returns 0, or -1 when out of memory (the buffer is unchanged). */
+int mg_buf_reserve(mg_buf_t *b, size_t n);
+
+/* Appends N bytes; returns 0 or -1 (out of memory). */
+int mg_buf_append(mg_buf_t *b, const void *p, size_t n);
+
+/* Appends a NUL-terminated string. */
+int mg_buf_puts(mg_buf_t *b, const char *s);
+
+/* Appends printf-formatted text. */
+int mg_buf_printf(mg_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Removes the first N bytes (N <= len). */
+void mg_buf_consume(mg_buf_t *b, size_t n);
+
+/* Empties the buffer; frees its memory if it grew beyond KEEP bytes. */
+void mg_buf_reset(mg_buf_t *b, size_t keep);
+
+#endif

@@ -1,0 +1,254 @@
+/* mg_request: the request lifecycle. A request whose head is complete and valid enters
+ * mg_request_start and runs through the phases of MG_PHASES in order: REQUEST (global, before
+ * routing), routing, ACCESS, HANDLER (a fixed response or the proxy), RESPONSE (inside the
+ * handler, as the upstream's head arrives) and LOG (after the last byte is written).
+ * Each phase is a step of request_run's state machine: a step that must wait (a Lua hook
+ * yielding, in the hooks issue) returns, and the loop resumes it with request_run again.
+ * Also here: the gateway's own answers (fixed responses, JSON errors) and the access log. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mg_log.h"
+#include "mg_proxy.h"
+#include "mg_request.h"
+#include "mg_upstream.h"
+
+mg_request_t *mg_request_new(mg_conn_t *c) {
+  mg_request_t *req = calloc(1, sizeof *req);
+  if (!req) return NULL;
+  mg_worker_t *w = c->w;
+  req->conn = c;
+  req->w = w;
+  req->listener = c->listener;
+  req->content_length = -1;
+  req->upstream_time = -1;
+  req->start_ns = uv_hrtime();
+  req->start_wall = mg_http_wall_time();
+  snprintf(req->id, sizeof req->id, "%s%016llx", w->id_prefix,
+           (unsigned long long)++w->requests);
+  return req;
+}
+
+void mg_request_free(mg_request_t *req) {
+  mg_buf_dispose(&req->head);
+  mg_buf_dispose(&req->offs);
+  free(req->headers);
+  free(req);
+}
+
+const mg_header_t *mg_request_header(const mg_request_t *req, const char *lower_name) {
+  for (size_t i = 0; i < req->nheaders; i++)
+    if (mg_http_ieq(req->headers[i].name, req->headers[i].name_len, lower_name))
+      return &req->headers[i];
+  return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Answers made by the gateway itself.
+ * ---------------------------------------------------------------------------------------- */
+
+void mg_request_common_headers(mg_request_t *req, mg_buf_t *out) {
+  mg_conn_t *c = req->conn;
+  if (c->w->stopping || c->nrequests + 1 >= c->w->cfg->limits.keepalive_requests)
+    c->close_after = 1;
+  mg_buf_append(out, "X-Request-Id: ", 14);
+  mg_buf_append(out, req->id, strlen(req->id));
+  if (c->close_after) mg_buf_append(out, "\r\nConnection: close\r\n", 21);
+  else if (req->http_major == 1 && req->http_minor == 0)
+    mg_buf_append(out, "\r\nConnection: keep-alive\r\n", 26);
+  else mg_buf_append(out, "\r\n", 2);
+}
+
+void mg_request_respond(mg_request_t *req, int status, const char *content_type,
+                        const char *body, size_t body_len, const char *headers,
+                        size_t headers_len) {
+  mg_conn_t *c = req->conn;
+  if (req->has_body && !req->body_done) c->close_after = 1;  /* unread body: stream unusable */
+  mg_buf_t out;
+  mg_buf_init(&out);
+  int no_body = req->method == HTTP_HEAD || status == 204 || status == 304 || status < 200;
+  mg_buf_printf(&out, "HTTP/1.1 %d %s\r\nServer: moongate\r\n", status, mg_http_reason(status));
+  if (content_type) mg_buf_printf(&out, "Content-Type: %s\r\n", content_type);
+  if (status != 204 && status != 304) mg_buf_printf(&out, "Content-Length: %zu\r\n", body_len);
+  if (headers_len) mg_buf_append(&out, headers, headers_len);
+  mg_request_common_headers(req, &out);
+  mg_buf_append(&out, "\r\n", 2);
+  if (!no_body) mg_buf_append(&out, body, body_len);
+  req->status = status;
+  req->head_sent = 1;
+  mg_conn_write(c, out.data, out.len);
+  mg_buf_dispose(&out);
+  mg_request_done(req);
+}
+
+void mg_request_error(mg_request_t *req, mg_http_error_t err) {
+  mg_conn_t *c = req->conn;
+  if (req->on_abort) {
+    void (*abort_cb)(mg_request_t *) = req->on_abort;
+    req->on_abort = NULL;
+    abort_cb(req);
+  }
+  req->on_body = NULL;
+  req->on_body_done = NULL;
+  req->on_drain = NULL;
+  int status = mg_http_error_status(err);
+  if (req->head_sent) {                      /* too late for an answer: cut the response */
+    mg_conn_abort(c);
+    return;
+  }
+  switch (status) {                          /* framing in doubt: answer, then close */
+    case 400: case 408: case 413: case 414: case 417: case 431: case 501: case 505:
+      c->close_after = 1;
+      break;
+    default:
+      break;
+  }
+  char body[256];
+  int n = snprintf(body, sizeof body, "{\"error\":\"%s\",\"status\":%d,\"request_id\":\"%s\"}",
+                   mg_http_error_message(err), status, req->id);
+  char extra[128];
+  size_t extra_len = 0;
+  if (status == 405) {
+    unsigned allowed = req->match.allowed_methods;
+    static const struct { unsigned bit; const char *name; } names[] = {
+      {MG_M_GET, "GET"}, {MG_M_HEAD, "HEAD"}, {MG_M_POST, "POST"}, {MG_M_PUT, "PUT"},
+      {MG_M_DELETE, "DELETE"}, {MG_M_PATCH, "PATCH"}, {MG_M_OPTIONS, "OPTIONS"},
+      {MG_M_TRACE, "TRACE"}};
+    if (allowed & MG_M_GET) allowed |= MG_M_HEAD;
+    extra_len = (size_t)snprintf(extra, sizeof extra, "Allow: ");
+    int first = 1;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+      if (!(allowed & names[i].bit)) continue;
+      extra_len += (size_t)snprintf(extra + extra_len, sizeof extra - extra_len, "%s%s",
+                                    first ? "" : ", ", names[i].name);
+      first = 0;
+    }
+    extra_len += (size_t)snprintf(extra + extra_len, sizeof extra - extra_len, "\r\n");
+  }
+  mg_request_respond(req, status, "application/json", body, (size_t)n, extra, extra_len);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The phases.
+ * ---------------------------------------------------------------------------------------- */
+
+/* Picks the route; answers 404/405 itself. Returns 0 when a route was found. */
+static int request_route(mg_request_t *req) {
+  const mg_router_t *router = req->listener->router;
+  mg_route_result_t r = router ? mg_router_match(router, req->method_bit, req->host,
+                                                 req->host_len, req->path, req->path_len,
+                                                 &req->match)
+                               : MG_ROUTE_NOT_FOUND;
+  if (r == MG_ROUTE_NO_METHOD && req->method == HTTP_HEAD && (req->match.allowed_methods & MG_M_GET))
+    r = mg_router_match(router, MG_M_GET, req->host, req->host_len, req->path, req->path_len,
+                        &req->match);       /* HEAD is GET without the body */
+  if (r == MG_ROUTE_FOUND) {
+    req->route = req->match.route;
+    if (req->route->max_body) req->max_body = req->route->max_body;
+    return 0;
+  }
+  mg_request_error(req, r == MG_ROUTE_NO_METHOD ? MG_HTTP_E_METHOD_NOT_ALLOWED
+                                                : MG_HTTP_E_NOT_FOUND);
+  return -1;
+}
+
+static void request_handler(mg_request_t *req) {
+  const mg_route_conf_t *route = req->route;
+  if (route->respond_status) {
+    mg_buf_t hdrs;
+    mg_buf_init(&hdrs);
+    const char *ctype = NULL;
+    for (size_t i = 0; i < route->nrespond_headers; i++) {
+      const mg_header_conf_t *h = &route->respond_headers[i];
+      if (mg_http_ieq(h->name, strlen(h->name), "content-type")) { ctype = h->value; continue; }
+      mg_buf_printf(&hdrs, "%s: %s\r\n", h->name, h->value);
+    }
+    mg_request_respond(req, route->respond_status, ctype, route->respond_body,
+                       route->respond_body_len, hdrs.data, hdrs.len);
+    mg_buf_dispose(&hdrs);
+    return;
+  }
+  mg_upstream_t *up = mg_worker_upstream(req->w, route->upstream);
+  if (!up) {
+    mg_log_error("route %s: upstream %s is missing", route->spec, route->upstream);
+    mg_request_error(req, MG_HTTP_E_INTERNAL);
+    return;
+  }
+  mg_proxy_start(req, up);
+}
+
+/* Runs the phases from req->phase on. The body and response phases are driven by the
+ * handler; a phase that must wait returns here and is resumed by calling request_run. */
+static void request_run(mg_request_t *req) {
+  for (;;) {
+    switch (req->phase) {
+      case MG_PHASE_REQUEST:
+        /* Global `request` hooks run here (Lua issue). Then the route is picked. */
+        req->phase = MG_PHASE_ACCESS;
+        if (request_route(req) != 0) return;
+        break;
+      case MG_PHASE_ACCESS:
+        /* Route and global `access` hooks run here (Lua issue). */
+        req->phase = MG_PHASE_HANDLER;
+        break;
+      case MG_PHASE_HANDLER:
+        req->phase = MG_PHASE_RESPONSE;
+        request_handler(req);
+        return;
+      default:
+        return;
+    }
+  }
+}
+
+void mg_request_start(mg_request_t *req) {
+  req->phase = MG_PHASE_REQUEST;
+  request_run(req);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * LOG phase: the access-log line.
+ * ---------------------------------------------------------------------------------------- */
+
+void mg_request_log(mg_request_t *req) {
+  req->phase = MG_PHASE_LOG;                 /* `log` hooks run here (Lua issue) */
+  mg_access_entry_t e;
+  memset(&e, 0, sizeof e);
+  mg_conn_t *c = req->conn;
+  e.time = req->start_wall;
+  e.client = c->client;
+  e.client_len = c->client_len;
+  if (req->headers) {
+    e.method = req->method_name;
+    e.method_len = req->method_len;
+    e.target = req->target;
+    e.target_len = req->target_len;
+    const mg_header_t *ua = mg_request_header(req, "user-agent");
+    if (ua) { e.user_agent = ua->value; e.user_agent_len = ua->value_len; }
+    e.authorization_present = mg_request_header(req, "authorization") != NULL ||
+                              mg_request_header(req, "proxy-authorization") != NULL;
+    e.cookie_present = mg_request_header(req, "cookie") != NULL;
+  } else if (req->url_bytes && req->head.len >= req->url_bytes) {
+    e.target = req->head.data;
+    e.target_len = req->url_bytes;
+  }
+  if (req->route) {
+    const char *name = req->route->name ? req->route->name : req->route->spec;
+    e.route = name;
+    e.route_len = name ? strlen(name) : 0;
+  }
+  e.status = req->status;
+  e.bytes_in = req->bytes_in;
+  e.bytes_out = req->bytes_out;
+  if (req->upstream_name) {
+    e.upstream = req->upstream_name;
+    e.upstream_len = strlen(req->upstream_name);
+  }
+  e.upstream_time = req->upstream_time;
+  e.total_time = (double)(uv_hrtime() - req->start_ns) / 1e9;
+  e.request_id = req->id;
+  e.request_id_len = strlen(req->id);
+  mg_access_log_write(&e);
+  req->phase = MG_PHASE_DONE;
+}

@@ -1,0 +1,818 @@
+/* mg_server: the client side of the HTTP engine. Accepts connections, parses requests with
+ * llhttp (built in strict mode, no lenient flag) plus the checks llhttp 8.1.0 lacks, enforces
+ * the limits and timeouts, writes responses with back-pressure, and runs keep-alive and
+ * pipelining: one request at a time per connection, so responses always leave in order.
+ *
+ * Reading model: received bytes are parsed straight from the worker's read buffer; whatever
+ * the parser must not consume yet (the next pipelined request, a body the handler has not
+ * asked for) is copied to conn->pending and parsed later. The parser pauses at two points:
+ * after the head of a request with a body (the handler decides when to read it), and at the
+ * end of every message. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mg_log.h"
+#include "mg_request.h"
+
+#define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+
+/* Body bytes queued to the client above which the handler should stop reading upstream. */
+#define MG_PENDING_MAX (64 * 1024)
+
+static llhttp_settings_t parser_settings;
+static void conn_process(mg_conn_t *c);
+static void conn_close(mg_conn_t *c);
+static void conn_fail(mg_conn_t *c, mg_http_error_t err);
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+
+static uint64_t ms(double seconds) { return seconds <= 0 ? 0 : (uint64_t)(seconds * 1000.0 + 0.5); }
+
+/* ------------------------------------------------------------------------------------------
+ * Timers: one per connection, its meaning depends on the state.
+ * ---------------------------------------------------------------------------------------- */
+
+static void on_timer(uv_timer_t *t) {
+  mg_conn_t *c = container_of(t, mg_conn_t, timer);
+  switch (c->state) {
+    case MG_CONN_IDLE:
+      conn_close(c);                         /* idle keep-alive, or a silent new connection */
+      break;
+    case MG_CONN_HEAD:
+      conn_fail(c, MG_HTTP_E_REQUEST_TIMEOUT); /* total header deadline (slowloris) */
+      break;
+    case MG_CONN_BUSY:
+      if (c->write_queued) {                 /* the client stopped reading our response */
+        mg_log_info("client %s: send timeout, closing", c->client);
+        mg_conn_abort(c);
+      } else if (c->req && c->req->body_reading && !c->req->body_done && !c->body_paused) {
+        conn_fail(c, MG_HTTP_E_REQUEST_TIMEOUT); /* body idle timeout */
+      }
+      break;
+    default:
+      conn_close(c);                         /* lingering close ran out */
+      break;
+  }
+}
+
+static void conn_arm_timer(mg_conn_t *c) {
+  const mg_limits_conf_t *lim = &c->w->cfg->limits;
+  uint64_t timeout = 0;
+  switch (c->state) {
+    case MG_CONN_IDLE:
+      timeout = ms(c->nrequests == 0 ? lim->header_timeout : lim->keepalive_timeout);
+      break;
+    case MG_CONN_HEAD: {
+      uint64_t now = mg_worker_now(c->w);
+      timeout = c->header_deadline > now ? c->header_deadline - now : 1;
+      break;
+    }
+    case MG_CONN_BUSY:
+      if (c->write_queued) timeout = ms(lim->send_timeout);
+      else if (c->req && c->req->body_reading && !c->req->body_done && !c->body_paused)
+        timeout = ms(lim->body_timeout);
+      break;
+    default:
+      timeout = 2000;
+      break;
+  }
+  if (timeout) uv_timer_start(&c->timer, on_timer, timeout, 0);
+  else uv_timer_stop(&c->timer);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Closing. A connection owns two handles (tcp, timer) and is freed when both have closed.
+ * ---------------------------------------------------------------------------------------- */
+
+static void on_handle_closed(uv_handle_t *h) {
+  mg_conn_t *c = h->data;
+  if (--c->handles > 0) return;
+  mg_worker_t *w = c->w;
+  mg_buf_dispose(&c->pending);
+  free(c);
+  mg_worker_conn_closed(w);
+}
+
+static void conn_close(mg_conn_t *c) {
+  if (c->state == MG_CONN_CLOSING && c->handles < 2) return;
+  if (uv_is_closing((uv_handle_t *)&c->tcp)) return;
+  if (c->req) {                              /* a request still attached: it ends here */
+    mg_request_t *req = c->req;
+    if (!req->done) {
+      req->aborted = 1;
+      if (req->on_abort) req->on_abort(req);
+      if (!req->status) req->status = 499;
+    }
+    mg_request_log(req);
+    mg_request_free(req);
+    c->req = NULL;
+  }
+  c->state = MG_CONN_CLOSING;
+  if (c->prev) c->prev->next = c->next;
+  else c->w->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  c->next = c->prev = NULL;
+  uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+  uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+}
+
+void mg_conn_abort(mg_conn_t *c) {
+  /* An abortive close: the client must see the response as cut, not as complete. */
+  if (!uv_is_closing((uv_handle_t *)&c->tcp)) {
+    int fd;
+    if (uv_fileno((uv_handle_t *)&c->tcp, &fd) == 0) {
+      struct linger lg = {1, 0};
+      setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    }
+  }
+  conn_close(c);
+}
+
+/* After a response that ends the connection: flush, half-close, then read and discard what
+ * the client still sends for a short while, so that its unread bytes do not turn our close
+ * into a reset that destroys the response before the client reads it. */
+static void on_linger_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  mg_conn_t *c = container_of(s, mg_conn_t, tcp);
+  if (nread < 0) conn_close(c);
+}
+
+static void on_shutdown(uv_shutdown_t *r, int status) {
+  mg_conn_t *c = container_of(r, mg_conn_t, shutdown_req);
+  if (status < 0 || c->eof) { conn_close(c); return; }
+  uv_read_start((uv_stream_t *)&c->tcp, mg_worker_alloc_cb, on_linger_read);
+  uv_timer_start(&c->timer, on_timer, 2000, 0);
+}
+
+static void conn_close_gracefully(mg_conn_t *c) {
+  if (c->lingering || uv_is_closing((uv_handle_t *)&c->tcp)) return;
+  c->lingering = 1;
+  c->state = MG_CONN_CLOSING;
+  uv_read_stop((uv_stream_t *)&c->tcp);
+  uv_timer_stop(&c->timer);
+  if (uv_shutdown(&c->shutdown_req, (uv_stream_t *)&c->tcp, on_shutdown) != 0) conn_close(c);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Writing. uv_try_write first; what is left is copied into a write request.
+ * ---------------------------------------------------------------------------------------- */
+
+typedef struct conn_write {
+  uv_write_t req;
+  mg_conn_t *conn;
+  size_t len;
+  char data[];
+} conn_write_t;
+
+static void conn_request_finished(mg_conn_t *c);
+
+static void on_write(uv_write_t *wr, int status) {
+  conn_write_t *w = container_of(wr, conn_write_t, req);
+  mg_conn_t *c = w->conn;
+  c->write_queued -= w->len;
+  free(w);
+  if (status < 0) {
+    if (status != UV_ECANCELED) mg_conn_abort(c);
+    return;
+  }
+  if (c->state == MG_CONN_CLOSING) return;
+  mg_request_t *req = c->req;
+  if (c->write_queued == 0 && c->finishing) {
+    conn_request_finished(c);
+    return;
+  }
+  if (c->state == MG_CONN_BUSY) conn_arm_timer(c);
+  if (req && req->on_drain && c->write_queued < MG_PENDING_MAX / 2) req->on_drain(req);
+}
+
+int mg_conn_write(mg_conn_t *c, const char *data, size_t len) {
+  if (c->state == MG_CONN_CLOSING || uv_is_closing((uv_handle_t *)&c->tcp)) return -1;
+  if (c->req) c->req->bytes_out += len;
+  if (c->write_queued == 0) {
+    uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
+    int n = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    if (n == (int)len) return 0;
+    if (n < 0 && n != UV_EAGAIN) return -1;
+    if (n > 0) { data += n; len -= (size_t)n; }
+  }
+  conn_write_t *w = malloc(sizeof *w + len);
+  if (!w) return -1;
+  memcpy(w->data, data, len);
+  w->conn = c;
+  w->len = len;
+  uv_buf_t b = uv_buf_init(w->data, (unsigned)len);
+  if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write) != 0) {
+    free(w);
+    return -1;
+  }
+  c->write_queued += len;
+  if (c->state == MG_CONN_BUSY) conn_arm_timer(c);
+  return 0;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The request lifecycle's side of the connection.
+ * ---------------------------------------------------------------------------------------- */
+
+/* The handler is done and every byte is written: log, then serve the next request or close. */
+static void conn_request_finished(mg_conn_t *c) {
+  mg_request_t *req = c->req;
+  c->finishing = 0;
+  if (req) {
+    /* A body the handler never read leaves the stream out of sync: close afterwards. */
+    if (req->has_body && !req->body_done) c->close_after = 1;
+    mg_request_log(req);
+    mg_request_free(req);
+    c->req = NULL;
+  }
+  c->nrequests++;
+  if (c->close_after || c->w->stopping ||
+      c->nrequests >= c->w->cfg->limits.keepalive_requests) {
+    conn_close_gracefully(c);
+    return;
+  }
+  c->state = MG_CONN_IDLE;
+  c->body_paused = 0;
+  conn_arm_timer(c);
+  if (!c->reading && !c->eof) {
+    c->reading = 1;
+    uv_read_start((uv_stream_t *)&c->tcp, mg_worker_alloc_cb, on_read);
+  }
+  if (c->pending.len) conn_process(c);
+  else if (c->eof) conn_close(c);
+}
+
+
+void mg_request_done(mg_request_t *req) {
+  mg_conn_t *c = req->conn;
+  req->done = 1;
+  req->on_body = NULL;
+  req->on_body_done = NULL;
+  req->on_drain = NULL;
+  req->on_abort = NULL;
+  if (c->write_queued == 0 && !c->in_execute) conn_request_finished(c);
+  else c->finishing = 1;
+}
+
+void mg_conn_read_body(mg_conn_t *c) {
+  mg_request_t *req = c->req;
+  if (!req || req->body_done || c->state != MG_CONN_BUSY) return;
+  req->body_reading = 1;
+  c->body_paused = 0;
+  if (req->expect_continue && !req->continue_sent && c->pending.len == 0) {
+    static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+    req->continue_sent = 1;
+    uint64_t out = req->bytes_out;
+    mg_conn_write(c, cont, sizeof cont - 1);
+    req->bytes_out = out;                     /* interim responses are not the response */
+  }
+  if (!c->reading && !c->eof) {
+    c->reading = 1;
+    uv_read_start((uv_stream_t *)&c->tcp, mg_worker_alloc_cb, on_read);
+  }
+  conn_arm_timer(c);
+  if (c->pending.len && !c->in_execute) conn_process(c);
+}
+
+void mg_conn_pause_body(mg_conn_t *c) {
+  c->body_paused = 1;
+  if (c->reading) {
+    c->reading = 0;
+    uv_read_stop((uv_stream_t *)&c->tcp);
+  }
+  conn_arm_timer(c);
+}
+
+/* A request that cannot be parsed or violates a limit: answer and close. */
+static void conn_fail(mg_conn_t *c, mg_http_error_t err) {
+  if (c->state == MG_CONN_CLOSING) return;
+  c->close_after = 1;
+  if (!c->req) {
+    /* Nothing seen of a request yet (e.g. a timeout before the first byte): just close. */
+    if (err == MG_HTTP_E_REQUEST_TIMEOUT) { conn_close(c); return; }
+    c->req = mg_request_new(c);
+    if (!c->req) { conn_close(c); return; }
+  }
+  c->state = MG_CONN_BUSY;
+  mg_request_error(c->req, err);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Parser callbacks (request side).
+ * ---------------------------------------------------------------------------------------- */
+
+#define CONN(p) ((mg_conn_t *)(p)->data)
+
+static int fail_cb(mg_conn_t *c, mg_http_error_t err) {
+  if (!c->error) c->error = err;
+  return -1;
+}
+
+static int on_message_begin(llhttp_t *p) {
+  mg_conn_t *c = CONN(p);
+  c->req = mg_request_new(c);
+  if (!c->req) return fail_cb(c, MG_HTTP_E_INTERNAL);
+  c->state = MG_CONN_HEAD;
+  c->header_deadline = mg_worker_now(c->w) + ms(c->w->cfg->limits.header_timeout);
+  c->in_value = 0;
+  c->cur_name_len = c->cur_value_len = 0;
+  conn_arm_timer(c);
+  return 0;
+}
+
+static int on_url(llhttp_t *p, const char *at, size_t len) {
+  mg_conn_t *c = CONN(p);
+  mg_request_t *req = c->req;
+  req->url_bytes += len;
+  if (req->url_bytes > c->w->cfg->limits.uri_bytes) return fail_cb(c, MG_HTTP_E_URI_TOO_LONG);
+  if (mg_buf_append(&req->head, at, len) != 0) return fail_cb(c, MG_HTTP_E_INTERNAL);
+  return 0;
+}
+
+static int count_header_bytes(mg_conn_t *c, size_t len) {
+  mg_request_t *req = c->req;
+  req->header_bytes += len;
+  if (req->header_bytes > c->w->cfg->limits.header_bytes) return -1;
+  return 0;
+}
+
+static int store_header(mg_conn_t *c) {
+  mg_request_t *req = c->req;
+  if (req->body_reading || req->has_body) return 0;       /* trailers are dropped */
+  if (c->cur_name_len == 0) return fail_cb(c, MG_HTTP_E_BAD_REQUEST); /* ": value" */
+  size_t n = req->offs.len / sizeof(mg_header_off_t);
+  if (n + 1 > c->w->cfg->limits.header_count) return fail_cb(c, MG_HTTP_E_HEADERS_TOO_LARGE);
+  mg_header_off_t o = {c->cur_name, c->cur_name_len, c->cur_value, c->cur_value_len};
+  if (mg_buf_append(&req->offs, &o, sizeof o) != 0) return fail_cb(c, MG_HTTP_E_INTERNAL);
+  c->cur_name_len = c->cur_value_len = 0;
+  c->in_value = 0;
+  return 0;
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t len) {
+  mg_conn_t *c = CONN(p);
+  mg_request_t *req = c->req;
+  if (count_header_bytes(c, len) != 0) return fail_cb(c, MG_HTTP_E_HEADERS_TOO_LARGE);
+  if (c->in_value && store_header(c) != 0) return -1;
+  if (c->cur_name_len == 0) c->cur_name = (uint32_t)req->head.len;
+  c->cur_name_len += (uint32_t)len;
+  c->cur_value = (uint32_t)req->head.len + (uint32_t)len;
+  c->cur_value_len = 0;
+  return mg_buf_append(&req->head, at, len) == 0 ? 0 : fail_cb(c, MG_HTTP_E_INTERNAL);
+}
+
+static int on_header_field_complete(llhttp_t *p) {
+  mg_conn_t *c = CONN(p);
+  if (c->cur_name_len == 0) return fail_cb(c, MG_HTTP_E_BAD_REQUEST);
+  c->in_value = 1;
+  c->cur_value = (uint32_t)c->req->head.len;
+  c->cur_value_len = 0;
+  return 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t len) {
+  mg_conn_t *c = CONN(p);
+  mg_request_t *req = c->req;
+  /* llhttp strips the whitespace before a value, so a value piece that starts right after a
+   * line feed can only be an obs-fold continuation line (RFC 9112 §5.2): reject it. The
+   * piece may start the read buffer; then the previous read's last byte tells. */
+  char before = at == c->parse_base ? c->last_byte : at[-1];
+  if (before == '\n') return fail_cb(c, MG_HTTP_E_BAD_REQUEST);
+  if (count_header_bytes(c, len) != 0) return fail_cb(c, MG_HTTP_E_HEADERS_TOO_LARGE);
+  c->in_value = 1;
+  c->cur_value_len += (uint32_t)len;
+  return mg_buf_append(&req->head, at, len) == 0 ? 0 : fail_cb(c, MG_HTTP_E_INTERNAL);
+}
+
+static int on_header_value_complete(llhttp_t *p) {
+  mg_conn_t *c = CONN(p);
+  if (c->req->body_reading || c->req->has_body) {   /* a trailer field: counted, dropped */
+    c->cur_name_len = c->cur_value_len = 0;
+    c->in_value = 0;
+    return 0;
+  }
+  return store_header(c);
+}
+
+static int on_chunk_extension(llhttp_t *p, const char *at, size_t len) {
+  mg_conn_t *c = CONN(p);
+  c->req->chunk_ext_bytes += len;
+  if (c->req->chunk_ext_bytes > c->w->cfg->limits.chunk_ext_bytes)
+    return fail_cb(c, MG_HTTP_E_BAD_REQUEST);
+  return 0;
+}
+
+/* Validates the complete head; returns MG_HTTP_OK or the error to answer. */
+static mg_http_error_t check_head(mg_conn_t *c, llhttp_t *p);
+
+static int on_headers_complete(llhttp_t *p) {
+  mg_conn_t *c = CONN(p);
+  if (c->in_value && store_header(c) != 0) return -1;
+  mg_http_error_t err = check_head(c, p);
+  if (err) return fail_cb(c, err);
+  mg_request_t *req = c->req;
+  if (req->has_body) return HPE_PAUSED;      /* the handler decides when to read it */
+  return 0;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t len) {
+  mg_conn_t *c = CONN(p);
+  mg_request_t *req = c->req;
+  req->body_received += len;
+  if (req->body_received > req->max_body) return fail_cb(c, MG_HTTP_E_BODY_TOO_LARGE);
+  if (req->on_body) req->on_body(req, at, len);
+  return 0;
+}
+
+static int on_message_complete(llhttp_t *p) {
+  mg_conn_t *c = CONN(p);
+  mg_request_t *req = c->req;
+  req->body_done = 1;
+  return HPE_PAUSED;                         /* one request at a time */
+}
+
+void mg_server_init_parser_settings(void);
+void mg_server_init_parser_settings(void) {
+  llhttp_settings_init(&parser_settings);
+  parser_settings.on_message_begin = on_message_begin;
+  parser_settings.on_url = on_url;
+  parser_settings.on_header_field = on_header_field;
+  parser_settings.on_header_field_complete = on_header_field_complete;
+  parser_settings.on_header_value = on_header_value;
+  parser_settings.on_header_value_complete = on_header_value_complete;
+  parser_settings.on_chunk_extension_name = on_chunk_extension;
+  parser_settings.on_chunk_extension_value = on_chunk_extension;
+  parser_settings.on_headers_complete = on_headers_complete;
+  parser_settings.on_body = on_body;
+  parser_settings.on_message_complete = on_message_complete;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Head validation: what llhttp 8.1.0 does not check (reliability-anchors.md §3.4).
+ * ---------------------------------------------------------------------------------------- */
+
+#include "mg_path.h"
+
+static int host_char_ok(unsigned char ch) {
+  return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+         ch == '-' || ch == '.' || ch == '_' || ch == '[' || ch == ']' || ch == ':';
+}
+
+/* Validates HOST (LEN bytes, may carry ":port") and stores its lower-case name without port. */
+static int set_host(mg_request_t *req, const char *h, size_t len) {
+  if (len == 0) return -1;
+  size_t name_len = len;
+  if (h[0] == '[') {                         /* IPv6 literal */
+    const char *end = memchr(h, ']', len);
+    if (!end) return -1;
+    name_len = (size_t)(end - h) + 1;
+  } else {
+    const char *colon = memchr(h, ':', len);
+    if (colon) name_len = (size_t)(colon - h);
+  }
+  if (name_len < len) {                      /* the port: digits only, 1..65535 */
+    if (h[name_len] != ':' || name_len + 1 == len || len - name_len - 1 > 5) return -1;
+    long port = 0;
+    for (size_t i = name_len + 1; i < len; i++) {
+      if (h[i] < '0' || h[i] > '9') return -1;
+      port = port * 10 + (h[i] - '0');
+    }
+    if (port < 1 || port > 65535) return -1;
+  }
+  for (size_t i = 0; i < name_len; i++)
+    if (!host_char_ok((unsigned char)h[i])) return -1;
+  if (name_len >= 2 && memmem(h, name_len, "..", 2)) return -1;
+  while (name_len > 1 && h[name_len - 1] == '.') name_len--;   /* "example.com." */
+  size_t off = req->head.len;
+  if (mg_buf_append(&req->head, h, name_len) != 0 || mg_buf_append(&req->head, "", 1) != 0)
+    return -1;
+  char *lower = req->head.data + off;
+  for (size_t i = 0; i < name_len; i++)
+    if (lower[i] >= 'A' && lower[i] <= 'Z') lower[i] = (char)(lower[i] + 32);
+  req->host = (const char *)(uintptr_t)off;  /* an offset until the head is final */
+  req->host_len = name_len;
+  return 0;
+}
+
+static mg_http_error_t check_head(mg_conn_t *c, llhttp_t *p) {
+  mg_request_t *req = c->req;
+  const mg_limits_conf_t *lim = &c->w->cfg->limits;
+  req->http_major = llhttp_get_http_major(p);
+  req->http_minor = llhttp_get_http_minor(p);
+  if (req->http_major == 0) return MG_HTTP_E_BAD_REQUEST;      /* no version (HTTP/0.9) */
+  if (req->http_major != 1 || req->http_minor > 1) return MG_HTTP_E_VERSION_NOT_SUPPORTED;
+  req->method = llhttp_get_method(p);
+  req->method_name = llhttp_method_name((llhttp_method_t)req->method);
+  req->method_len = strlen(req->method_name);
+  req->method_bit = mg_router_method_bit(req->method_name, req->method_len);
+  if (req->method == HTTP_CONNECT) return MG_HTTP_E_METHOD_NOT_ALLOWED;
+
+  /* The head is complete: turn offsets into pointers. The target is at offset 0. */
+  size_t url_len = req->url_bytes;
+  size_t nh = req->offs.len / sizeof(mg_header_off_t);
+  req->headers = malloc((nh ? nh : 1) * sizeof(mg_header_t));
+  if (!req->headers) return MG_HTTP_E_INTERNAL;
+  const mg_header_off_t *o = (const mg_header_off_t *)req->offs.data;
+  /* Reserve room for the normalised path and host now, so the pointers below stay valid. */
+  if (mg_buf_reserve(&req->head, url_len * 2 + 512) != 0) return MG_HTTP_E_INTERNAL;
+  const char *base = req->head.data;
+  req->nheaders = nh;
+  int connection_close = 0, connection_keepalive = 0, te_seen = 0;
+  const mg_header_t *host_hdr = NULL;
+  for (size_t i = 0; i < nh; i++) {
+    mg_header_t *h = &req->headers[i];
+    h->name = base + o[i].name;
+    h->name_len = o[i].name_len;
+    h->value = base + o[i].value;
+    h->value_len = o[i].value_len;
+    while (h->value_len && (h->value[h->value_len - 1] == ' ' || h->value[h->value_len - 1] == '\t'))
+      h->value_len--;
+    if (mg_http_ieq(h->name, h->name_len, "host")) {
+      if (++req->hosts_seen > 1) return MG_HTTP_E_BAD_REQUEST;
+      host_hdr = h;
+    } else if (mg_http_ieq(h->name, h->name_len, "transfer-encoding")) {
+      /* Only "chunked", once and last, is a coding this gateway knows (RFC 9112 §6.1). */
+      const char *s = h->value, *item;
+      size_t len = h->value_len, item_len, items = 0;
+      while (mg_http_list_next(&s, &len, &item, &item_len)) {
+        items++;
+        if (!mg_http_is_token(item, item_len)) return MG_HTTP_E_BAD_REQUEST;
+        if (!mg_http_ieq(item, item_len, "chunked")) return MG_HTTP_E_NOT_IMPLEMENTED;
+      }
+      if (items != 1 || te_seen++) return MG_HTTP_E_BAD_REQUEST;
+    } else if (mg_http_ieq(h->name, h->name_len, "expect")) {
+      if (!mg_http_ieq(h->value, h->value_len, "100-continue")) return MG_HTTP_E_EXPECTATION_FAILED;
+      if (req->http_minor == 1) req->expect_continue = 1;   /* ignored from HTTP/1.0 */
+    } else if (mg_http_ieq(h->name, h->name_len, "connection")) {
+      const char *s = h->value, *item;
+      size_t len = h->value_len, item_len;
+      while (mg_http_list_next(&s, &len, &item, &item_len)) {
+        if (mg_http_ieq(item, item_len, "close")) connection_close = 1;
+        else if (mg_http_ieq(item, item_len, "keep-alive")) connection_keepalive = 1;
+      }
+    }
+  }
+  uint64_t flags = p->flags;
+  int chunked = (flags & F_CHUNKED) != 0;
+  int has_te = (flags & F_TRANSFER_ENCODING) != 0 || te_seen;
+  if (has_te && req->http_minor == 0) return MG_HTTP_E_BAD_REQUEST;   /* §6.1 */
+  if (has_te && !chunked) return MG_HTTP_E_NOT_IMPLEMENTED;
+  if (req->http_minor == 1 && !host_hdr) return MG_HTTP_E_BAD_REQUEST;
+
+  /* The target: origin-form, or absolute-form whose authority replaces Host (§3.2.2). */
+  const char *t = base;
+  size_t tlen = url_len;
+  req->target = t;
+  req->target_len = tlen;
+  if (memchr(t, '#', tlen)) return MG_HTTP_E_BAD_REQUEST;
+  const char *authority = NULL;
+  size_t authority_len = 0;
+  if (tlen && t[0] != '/') {
+    size_t skip = 0;
+    if (tlen > 7 && mg_http_ieq(t, 7, "http://")) skip = 7;
+    else if (tlen > 8 && mg_http_ieq(t, 8, "https://")) skip = 8;
+    else return MG_HTTP_E_BAD_REQUEST;        /* "*", authority-form, garbage */
+    const char *slash = memchr(t + skip, '/', tlen - skip);
+    const char *qm = memchr(t + skip, '?', tlen - skip);
+    const char *end = slash ? slash : (qm ? qm : t + tlen);
+    if (qm && qm < end) end = qm;
+    authority = t + skip;
+    authority_len = (size_t)(end - authority);
+    if (authority_len == 0 || memchr(authority, '@', authority_len)) return MG_HTTP_E_BAD_REQUEST;
+    t = end;
+    tlen = url_len - (size_t)(end - base);
+  }
+  const char *qm = memchr(t, '?', tlen);
+  size_t plen = qm ? (size_t)(qm - t) : tlen;
+  if (qm) { req->query = qm + 1; req->query_len = tlen - plen - 1; }
+  if (plen == 0) {                           /* "http://host" or "http://host?x": path "/" */
+    t = "/";
+    plen = 1;
+  }
+  size_t path_off = req->head.len;
+  char *out = req->head.data + path_off;
+  size_t out_len = 0;
+  if (mg_path_normalize(t, plen, out, &out_len) != 0) return MG_HTTP_E_BAD_REQUEST;
+  req->head.len += out_len + 1;
+  req->path = out;
+  req->path_len = out_len;
+
+  if (host_hdr) {
+    req->host_header = host_hdr->value;
+    req->host_header_len = host_hdr->value_len;
+  }
+  const char *hv = authority ? authority : (host_hdr ? host_hdr->value : NULL);
+  size_t hlen = authority ? authority_len : (host_hdr ? host_hdr->value_len : 0);
+  if (authority) { req->host_header = authority; req->host_header_len = authority_len; }
+  if (hv) {
+    if (set_host(req, hv, hlen) != 0) return MG_HTTP_E_BAD_REQUEST;
+    req->host = req->head.data + (uintptr_t)req->host;
+  }
+
+  /* Framing and keep-alive. */
+  req->chunked = (unsigned)chunked;
+  req->content_length = (flags & F_CONTENT_LENGTH) ? (int64_t)p->content_length : -1;
+  req->has_body = chunked || req->content_length > 0;
+  req->max_body = lim->body_bytes;
+  if (req->http_minor == 1) req->keepalive = !connection_close;
+  else req->keepalive = connection_keepalive && !connection_close;
+  if (llhttp_get_upgrade(p) || (flags & F_CONNECTION_UPGRADE)) req->keepalive = 0;
+  if (!req->keepalive) c->close_after = 1;
+  return MG_HTTP_OK;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Feeding the parser.
+ * ---------------------------------------------------------------------------------------- */
+
+/* May the parser consume more bytes now? */
+static int conn_may_parse(const mg_conn_t *c) {
+  if (c->state == MG_CONN_IDLE || c->state == MG_CONN_HEAD) return 1;
+  if (c->state != MG_CONN_BUSY || !c->req) return 0;
+  return c->req->body_reading && !c->req->body_done && !c->body_paused && !c->req->done;
+}
+
+/* Runs the parser over DATA; returns the bytes consumed (less than LEN when it paused), or
+ * (size_t)-1 when the connection failed. */
+static size_t conn_parse(mg_conn_t *c, const char *data, size_t len) {
+  c->error = MG_HTTP_OK;
+  c->parse_base = data;
+  c->in_execute = 1;
+  enum llhttp_errno e = llhttp_execute(&c->parser, data, len);
+  c->in_execute = 0;
+  size_t used = len;
+  if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE) {
+    used = (size_t)(llhttp_get_error_pos(&c->parser) - data);
+    if (e == HPE_PAUSED) llhttp_resume(&c->parser);
+    else c->close_after = 1;                 /* no tunnelling: answer, then close */
+  } else if (e != HPE_OK) {
+    mg_http_error_t err = c->error;
+    if (!err) {
+      switch (e) {
+        case HPE_INVALID_VERSION: err = MG_HTTP_E_VERSION_NOT_SUPPORTED; break;
+        case HPE_CB_HEADERS_COMPLETE: case HPE_USER: err = MG_HTTP_E_BAD_REQUEST; break;
+        default: err = MG_HTTP_E_BAD_REQUEST; break;
+      }
+    }
+    if (c->state == MG_CONN_CLOSING) return (size_t)-1;
+    if (c->req && c->req->head_sent) { mg_conn_abort(c); return (size_t)-1; }
+    conn_fail(c, err);
+    return (size_t)-1;
+  }
+  if (used) c->last_byte = data[used - 1];
+  if (c->req) c->req->bytes_in += used;
+  return used;
+}
+
+/* What to do after the parser stopped: start a request whose head is complete, or tell the
+ * handler its body is complete. */
+static void conn_after_parse(mg_conn_t *c) {
+  mg_request_t *req = c->req;
+  if (!req || c->state == MG_CONN_CLOSING) return;
+  if (c->finishing) {                        /* done from inside a parser callback */
+    if (c->write_queued == 0) conn_request_finished(c);
+    return;
+  }
+  if (c->state == MG_CONN_HEAD && req->headers) {
+    c->state = MG_CONN_BUSY;
+    uv_timer_stop(&c->timer);
+    mg_request_start(req);
+    return;
+  }
+  if (req->body_done && req->body_reading && req->on_body_done) {
+    req->body_reading = 0;
+    conn_arm_timer(c);
+    req->on_body_done(req);
+  }
+}
+
+static void conn_process(mg_conn_t *c) {
+  if (c->in_process) return;                 /* the outer loop goes on */
+  c->in_process = 1;
+  while (c->pending.len && conn_may_parse(c) && c->state != MG_CONN_CLOSING) {
+    size_t used = conn_parse(c, c->pending.data, c->pending.len);
+    if (used == (size_t)-1) { c->in_process = 0; return; }  /* the connection failed */
+    mg_buf_consume(&c->pending, used);
+    conn_after_parse(c);
+    if (used == 0 && !conn_may_parse(c)) break;
+  }
+  c->in_process = 0;
+  if (c->pending.len == 0) {
+    mg_buf_reset(&c->pending, 4096);
+    if (c->eof && c->state == MG_CONN_IDLE) conn_close(c);
+  }
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  mg_conn_t *c = container_of(s, mg_conn_t, tcp);
+  if (nread == 0) return;
+  if (nread < 0) {
+    if (nread != UV_EOF) { conn_close(c); return; }
+    c->eof = 1;
+    c->reading = 0;
+    uv_read_stop(s);
+    if (c->state == MG_CONN_IDLE && c->pending.len == 0) { conn_close(c); return; }
+    if (c->state == MG_CONN_HEAD) { conn_close(c); return; }   /* half a head, then gone */
+    if (c->state == MG_CONN_BUSY && c->req && c->req->has_body && !c->req->body_done) {
+      conn_close(c);                         /* the body will never complete */
+      return;
+    }
+    return;                                  /* answer what was asked, then close */
+  }
+  const char *data = buf->base;
+  size_t len = (size_t)nread;
+  if (c->pending.len || !conn_may_parse(c)) {
+    if (mg_buf_append(&c->pending, data, len) != 0) { conn_close(c); return; }
+    if (!conn_may_parse(c)) {
+      /* Not parsing now: keep the bytes (the next pipelined request) but stop reading once
+       * a head's worth is buffered. */
+      if (c->pending.len > c->w->cfg->limits.header_bytes + MG_PENDING_MAX) {
+        c->reading = 0;
+        uv_read_stop(s);
+      }
+      return;
+    }
+    conn_process(c);
+    return;
+  }
+  while (len && conn_may_parse(c)) {
+    size_t used = conn_parse(c, data, len);
+    if (used == (size_t)-1) return;
+    data += used;
+    len -= used;
+    conn_after_parse(c);
+    if (c->state == MG_CONN_CLOSING) return;
+    if (used == 0) break;
+  }
+  if (len && mg_buf_append(&c->pending, data, len) != 0) conn_close(c);
+  else if (c->pending.len && conn_may_parse(c)) conn_process(c);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Accepting.
+ * ---------------------------------------------------------------------------------------- */
+
+void mg_server_on_connection(uv_stream_t *server, int status) {
+  mg_listener_t *l = container_of(server, mg_listener_t, handle);
+  mg_worker_t *w = l->w;
+  if (status < 0) {
+    mg_log_warn("accept on port %d: %s", l->conf->port, uv_strerror(status));
+    return;
+  }
+  mg_conn_t *c = calloc(1, sizeof *c);
+  if (!c) return;
+  uv_tcp_init(&w->loop, &c->tcp);
+  uv_timer_init(&w->loop, &c->timer);
+  c->tcp.data = c->timer.data = c;
+  c->handles = 2;
+  c->w = w;
+  c->listener = l;
+  c->next = w->conns;
+  if (w->conns) w->conns->prev = c;
+  w->conns = c;
+  w->nconns++;
+  if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) { conn_close(c); return; }
+  uv_tcp_nodelay(&c->tcp, 1);
+  struct sockaddr_storage ss;
+  int sl = sizeof ss;
+  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &sl) == 0) {
+    int port = 0;
+    if (ss.ss_family == AF_INET) {
+      uv_ip4_name((struct sockaddr_in *)&ss, c->client_ip, sizeof c->client_ip);
+      port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    } else if (ss.ss_family == AF_INET6) {
+      uv_ip6_name((struct sockaddr_in6 *)&ss, c->client_ip, sizeof c->client_ip);
+      port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+    }
+    c->client_len = (size_t)snprintf(c->client, sizeof c->client, "%s:%d", c->client_ip, port);
+  }
+  if (w->stopping || w->nconns > (size_t)w->cfg->limits.max_connections) {
+    /* Over the cap: a clear answer beats a silent hang in the backlog. */
+    static const char body[] = "{\"error\":\"overloaded\",\"status\":503}";
+    char busy[256];
+    int n = snprintf(busy, sizeof busy,
+                     "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                     "Content-Length: %zu\r\nConnection: close\r\n\r\n%s",
+                     sizeof body - 1, body);
+    uv_buf_t b = uv_buf_init(busy, (unsigned)n);
+    uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    mg_log_warn("max_connections (%d) reached: refusing %s", w->cfg->limits.max_connections,
+                c->client);
+    conn_close_gracefully(c);
+    return;
+  }
+  llhttp_init(&c->parser, HTTP_REQUEST, &parser_settings);
+  c->parser.data = c;
+  c->state = MG_CONN_IDLE;
+  c->reading = 1;
+  conn_arm_timer(c);
+  uv_read_start((uv_stream_t *)&c->tcp, mg_worker_alloc_cb, on_read);
+}
+
+void mg_server_drain(mg_worker_t *w) {
+  mg_conn_t *c = w->conns, *next;
+  for (; c; c = next) {
+    next = c->next;
+    if (c->state == MG_CONN_IDLE && c->pending.len == 0) conn_close(c);
+    else c->close_after = 1;
+  }
+}

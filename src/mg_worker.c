@@ -1,0 +1,143 @@
+/* mg_worker: one worker process. Builds its runtime from the config it inherited from the
+ * master (routers per listener, upstream pools, resolver, access log), serves the listening
+ * sockets it inherited, and on SIGTERM/SIGINT drains: stops accepting, closes idle
+ * connections, lets in-flight requests finish (they answer with Connection: close) up to
+ * gateway.drain_timeout, then exits. */
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+
+#include "mg_log.h"
+#include "mg_proxy.h"
+#include "mg_request.h"
+#include "mg_upstream.h"
+#include "mg_worker.h"
+
+void mg_server_init_parser_settings(void);
+
+void mg_worker_alloc_cb(uv_handle_t *handle, size_t suggested, uv_buf_t *buf) {
+  mg_worker_t *w = handle->loop->data;
+  buf->base = w->readbuf;
+  buf->len = sizeof w->readbuf;
+}
+
+mg_upstream_t *mg_worker_upstream(mg_worker_t *w, const char *name) {
+  for (size_t i = 0; i < w->nupstreams; i++)
+    if (strcmp(w->upstreams[i].conf->name, name) == 0) return &w->upstreams[i];
+  return NULL;
+}
+
+static void worker_finish(mg_worker_t *w) { uv_stop(&w->loop); }
+
+void mg_worker_conn_closed(mg_worker_t *w) {
+  w->nconns--;
+  if (w->stopping && w->nconns == 0) worker_finish(w);
+}
+
+static void on_drain_timeout(uv_timer_t *t) {
+  mg_worker_t *w = t->data;
+  mg_log_warn("drain timeout: closing %zu connection(s) still busy", w->nconns);
+  worker_finish(w);
+}
+
+static void worker_stop(mg_worker_t *w) {
+  if (w->stopping) return;
+  w->stopping = 1;
+  for (size_t i = 0; i < w->nlisteners; i++)
+    if (!uv_is_closing((uv_handle_t *)&w->listeners[i].handle))
+      uv_close((uv_handle_t *)&w->listeners[i].handle, NULL);
+  mg_server_drain(w);
+  if (w->nconns == 0) {
+    worker_finish(w);
+    return;
+  }
+  double d = w->cfg->drain_timeout;
+  uv_timer_start(&w->drain_timer, on_drain_timeout, d > 0 ? (uint64_t)(d * 1000) : 1, 0);
+}
+
+static void on_signal(uv_signal_t *s, int signum) {
+  mg_worker_t *w = s->data;
+  if (signum == SIGHUP) {
+    mg_log_info("SIGHUP: configuration reload is handled by the master");
+    return;
+  }
+  worker_stop(w);
+}
+
+static void close_any(uv_handle_t *h, void *arg) {
+  if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
+int mg_worker_run(const mg_config_t *cfg, const int *fds) {
+  mg_worker_t *w = calloc(1, sizeof *w);
+  if (!w) return 1;
+  signal(SIGPIPE, SIG_IGN);
+  uv_loop_init(&w->loop);
+  w->loop.data = w;
+  w->cfg = cfg;
+  unsigned char rnd[8] = {0};
+  if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd) {
+    uint64_t x = uv_hrtime() ^ ((uint64_t)getpid() << 32);
+    memcpy(rnd, &x, sizeof rnd);
+  }
+  for (size_t i = 0; i < sizeof rnd; i++) snprintf(w->id_prefix + 2 * i, 3, "%02x", rnd[i]);
+  mg_server_init_parser_settings();
+  mg_proxy_init();
+  w->resolver = mg_resolver_new(&w->loop);
+  if (!w->resolver || mg_upstreams_init(w) != 0) {
+    mg_log_error("worker: out of memory");
+    return 1;
+  }
+  int rc = mg_access_log_open(&w->loop, cfg->access_log, cfg->redact_query, cfg->nredact_query);
+  if (rc < 0) mg_log_error("cannot open access log %s: %s", cfg->access_log, uv_strerror(rc));
+  uv_timer_init(&w->loop, &w->drain_timer);
+  w->drain_timer.data = w;
+  uv_unref((uv_handle_t *)&w->drain_timer);
+
+  w->nlisteners = cfg->nlistens;
+  w->listeners = calloc(cfg->nlistens ? cfg->nlistens : 1, sizeof(mg_listener_t));
+  for (size_t i = 0; i < cfg->nlistens; i++) {
+    mg_listener_t *l = &w->listeners[i];
+    char err[256] = "";
+    l->conf = &cfg->listens[i];
+    l->w = w;
+    l->fd = fds[i];
+    l->router = mg_router_new(cfg->routes, cfg->nroutes, l->conf->name, err, sizeof err);
+    if (!l->router) {
+      mg_log_error("listener %s: %s", l->conf->name ? l->conf->name : "default", err);
+      return 1;
+    }
+    uv_tcp_init(&w->loop, &l->handle);
+    l->handle.data = l;
+    if ((rc = uv_tcp_open(&l->handle, l->fd)) != 0 ||
+        (rc = uv_listen((uv_stream_t *)&l->handle, l->conf->backlog > 0 ? l->conf->backlog : 511,
+                        mg_server_on_connection)) != 0) {
+      mg_log_error("listen on port %d: %s", l->conf->port, uv_strerror(rc));
+      return 1;
+    }
+  }
+  uv_signal_init(&w->loop, &w->sig_term);
+  uv_signal_init(&w->loop, &w->sig_int);
+  uv_signal_init(&w->loop, &w->sig_hup);
+  w->sig_term.data = w->sig_int.data = w->sig_hup.data = w;
+  uv_signal_start(&w->sig_term, on_signal, SIGTERM);
+  uv_signal_start(&w->sig_int, on_signal, SIGINT);
+  uv_signal_start(&w->sig_hup, on_signal, SIGHUP);
+
+  uv_run(&w->loop, UV_RUN_DEFAULT);
+
+  /* Drained (or out of time): cut what is still open and free it. */
+  while (w->conns) mg_conn_abort(w->conns);
+  mg_access_log_close();
+  mg_upstreams_dispose(w);
+  mg_resolver_free(w->resolver);
+  uv_walk(&w->loop, close_any, NULL);
+  uv_run(&w->loop, UV_RUN_DEFAULT);
+  uv_loop_close(&w->loop);
+  for (size_t i = 0; i < w->nlisteners; i++) mg_router_free(w->listeners[i].router);
+  free(w->listeners);
+  free(w);
+  return 0;
+}

@@ -1,0 +1,65 @@
+/* mg_worker: one worker process: a libuv loop serving the listening sockets it inherited from
+ * the master, with the routers, upstream pools and resolver of the current config. Nothing on
+ * the request path takes a lock; workers share nothing but the listening ports. */
+#ifndef MG_WORKER_H
+#define MG_WORKER_H
+
+#include <stdint.h>
+#include <uv.h>
+
+#include "mg_config.h"
+#include "mg_resolver.h"
+#include "mg_router.h"
+
+struct mg_conn;
+struct mg_upstream;
+
+/* Size of the worker's shared read buffer: every socket read lands here first. */
+#define MG_READ_BUF_SIZE (64 * 1024)
+
+typedef struct mg_listener {
+  uv_tcp_t handle;
+  const mg_listen_conf_t *conf;
+  mg_router_t *router;          /* the routes this listener serves */
+  struct mg_worker *w;
+  int fd;                       /* inherited listening socket */
+  int paused;                   /* accepting stopped at max_connections */
+} mg_listener_t;
+
+typedef struct mg_worker {
+  uv_loop_t loop;
+  const mg_config_t *cfg;
+  mg_listener_t *listeners;
+  size_t nlisteners;
+  struct mg_upstream *upstreams;
+  size_t nupstreams;
+  mg_resolver_t *resolver;
+  struct mg_conn *conns;        /* every open client connection (intrusive list) */
+  size_t nconns;
+  int stopping;                 /* SIGTERM seen: draining */
+  uv_signal_t sig_term, sig_int, sig_hup;
+  uv_timer_t drain_timer;
+  uint64_t requests;            /* requests started (request ids) */
+  char id_prefix[17];           /* random per worker: request ids are prefix + counter */
+  char readbuf[MG_READ_BUF_SIZE];
+} mg_worker_t;
+
+/* Runs a worker on CFG with the listening sockets FDS (one per cfg->listens entry) until it
+ * has drained after SIGTERM/SIGINT. Returns the process exit code. */
+int mg_worker_run(const mg_config_t *cfg, const int *fds);
+
+/* The upstream named NAME in this worker, or NULL. */
+struct mg_upstream *mg_worker_upstream(mg_worker_t *w, const char *name);
+
+/* libuv allocation callback handing out the worker's shared read buffer (handle->loop->data
+ * is the worker). The read callback must consume or copy the bytes before returning. */
+void mg_worker_alloc_cb(uv_handle_t *handle, size_t suggested, uv_buf_t *buf);
+
+/* Called by the server when a connection closes: updates accounting, resumes accepting
+ * below the cap and finishes draining when the last connection is gone. */
+void mg_worker_conn_closed(mg_worker_t *w);
+
+/* Milliseconds on the loop's clock. */
+static inline uint64_t mg_worker_now(mg_worker_t *w) { return uv_now(&w->loop); }
+
+#endif
