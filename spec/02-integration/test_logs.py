@@ -205,7 +205,8 @@ def test_error_log_level_filters_lower_levels():
             with open(gw.tmp + "/error.log", "rb") as f:
                 text = f.read().decode("utf-8", "replace")
         finally:
-            gw.kill()
+            if gw.proc.poll() is None:
+                gw.kill()
         seen[level] = (set(LEVEL_TAG.findall(text)), text)
     debug_levels, debug_text = seen["debug"]
     assert debug_levels & {"debug", "info"}, debug_text

@@ -174,8 +174,12 @@ def test_content_length_body_cut_short_reaches_the_client_truncated(how):
         assert closed, "the gateway kept the client connection open after a truncated body"
         head, _, body = data.partition(HEAD_END)
         assert head.startswith(b"HTTP/1.1 200"), data[:200]
-        assert b"content-length: 1000" in head.lower()
-        assert body == b"a" * 300
+        if b"transfer-encoding: chunked" in head.lower():
+            # Re-framed as chunked: the bytes are there, the terminating chunk is not.
+            assert b"a" * 300 in body and not body.endswith(b"0\r\n\r\n"), body[-20:]
+        else:
+            assert b"content-length: 1000" in head.lower(), head
+            assert body == b"a" * 300
         (resp,) = parse_responses(data)
         assert not resp.complete
 
@@ -221,7 +225,7 @@ BAD_RESPONSES = {
 @pytest.mark.parametrize("name", sorted(BAD_RESPONSES))
 def test_malformed_response_is_502_and_the_connection_is_discarded(name):
     bad = BAD_RESPONSES[name]
-    up = Upstream(serve_each(lambda req, i: bad if i == 0 else OK_SECOND))
+    up = Upstream(serve_each(lambda req, i: bad if req.target == "/bad" else OK_SECOND))
     with up, Gateway(proxy_config([target(up.port)])) as gw:
         r = request(gw.port, "GET", "/bad")
         assert r.status == 502, r
@@ -234,22 +238,19 @@ def test_malformed_response_is_502_and_the_connection_is_discarded(name):
 
 @pytest.mark.parametrize("delayed", [False, True], ids=["same-packet", "while-idle"])
 def test_bytes_after_a_complete_body_never_reach_the_client(delayed):
-    def answer(req, i):
-        if i > 0:
-            return OK_SECOND
-        return b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello" + (b"" if delayed else b"EXTRA")
-
     def handler(conn):
-        i = 0
         while True:
             req = conn.read_request(timeout=5)
             if req is None:
                 return
-            conn.send(answer(req, i))
-            if delayed and i == 0:
+            if req.target != "/extra":
+                conn.send(OK_SECOND)
+            elif delayed:
+                conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
                 time.sleep(0.1)
                 conn.send(b"EXTRA")
-            i += 1
+            else:
+                conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloEXTRA")
     with Upstream(handler) as up, Gateway(proxy_config([target(up.port)])) as gw:
         data = fetch_close(gw.port, "/extra")
         assert b"EXTRA" not in data
@@ -273,7 +274,7 @@ BODYLESS = {
 @pytest.mark.parametrize("name", sorted(BODYLESS))
 def test_body_bytes_after_a_bodyless_answer_are_dropped(name):
     method, bad = BODYLESS[name]
-    up = Upstream(serve_each(lambda req, i: bad if i == 0 else OK_SECOND))
+    up = Upstream(serve_each(lambda req, i: bad if req.target == "/bodyless" else OK_SECOND))
     with up, Gateway(proxy_config([target(up.port)])) as gw:
         data = fetch_close(gw.port, "/bodyless", method)
         assert b"hello" not in data, data
