@@ -19,14 +19,15 @@ enum {
 /* A listening address. name is NULL for the default listener (routes that name none). */
 typedef struct mg_listen_conf {
   char *name;       /* "demo", or NULL for the default listener */
-  char *host;       /* bind address, default "0.0.0.0" */
+  char *host;       /* IP literal, default "0.0.0.0"; IPv6 without [brackets];
+                       "localhost" is stored as "127.0.0.1" */
   int port;
   int backlog;      /* default 511 */
 } mg_listen_conf_t;
 
 /* One target of an upstream: host may be an IP literal or a DNS name. */
 typedef struct mg_target_conf {
-  char *host;
+  char *host;       /* IPv6 without its [brackets] */
   int port;
   int weight;       /* default 1 */
 } mg_target_conf_t;
@@ -57,21 +58,26 @@ typedef struct mg_route_conf {
   char *spec;                 /* the route string as written, e.g. "GET /users/:id" */
   unsigned methods;           /* MG_M_* bits, MG_METHOD_ANY when none was named */
   char *path;                 /* "/users/:id", "/static/" + "*", "/" */
-  char **hosts;               /* exact "api.example.com" or wildcard "*.example.com" */
+  char **hosts;               /* exact "api.example.com" or wildcard "*.example.com";
+                                 lower-case, without port */
   size_t nhosts;              /* 0 = any host */
   char *listen;               /* listener name, NULL = the default listener */
   char *name;                 /* name for logs, default = spec */
   /* proxy action */
   char *upstream;             /* upstream name, or NULL when the route responds itself */
-  char *strip_prefix;         /* removed from the start of the path before proxying */
+  char *strip_prefix;         /* removed from the start of the path before proxying
+                                 (`strip_prefix = true` was resolved to the pattern's literal
+                                 part without its trailing slash: "/static/" "*" -> "/static") */
   char *rewrite;              /* replaces the matched path; may use :param and * */
   mg_host_policy_t host_policy;
   char *host_value;           /* for MG_HOST_FIXED */
   /* fixed-response action */
   int respond_status;         /* 0 = not a fixed-response route */
-  char *respond_body;         /* body bytes (a table body was encoded as JSON) */
+  char *respond_body;         /* body bytes (a table body was encoded as JSON); never NULL on
+                                 a fixed-response route ("" when no body was given) */
   size_t respond_body_len;
-  mg_header_conf_t *respond_headers;
+  mg_header_conf_t *respond_headers; /* sorted by name; Content-Type added when the config
+                                 gave none and there is a body (JSON / text/plain) */
   size_t nrespond_headers;
   size_t max_body;            /* request body limit for this route, default limits.body */
 } mg_route_conf_t;
@@ -96,7 +102,7 @@ typedef struct mg_config {
   int workers;                /* 0 = one per core ("auto") */
   char *pid_file;             /* default "/tmp/moongate.pid" */
   double drain_timeout;       /* seconds to finish in-flight requests on stop, default 10 */
-  char *access_log;           /* path, "stdout", or NULL/"off" */
+  char *access_log;           /* path or "stdout" (default); NULL when "off" */
   char *error_log;            /* path or "stderr" (default) */
   int log_level;              /* MG_LOG_* from mg_log.h, default info */
   char **redact_query;        /* query parameter names redacted in logs */
@@ -107,8 +113,11 @@ typedef struct mg_config {
   mg_route_conf_t *routes; size_t nroutes;
 } mg_config_t;
 
-/* Loads and validates FILE. On success returns 0 and fills *cfg. On failure returns -1 and
- * sets *errors to a malloc'd text of one "file:line: message" line per problem (caller frees). */
+/* Loads and validates FILE. On success returns 0 and fills *cfg (cfg->file and every
+ * route's and upstream's file are absolute). On failure returns -1, leaves *cfg zeroed and
+ * sets *errors to a malloc'd text of one "file:line: message\n" line per problem, sorted by
+ * line, FILE written as given (caller frees; NULL only when out of memory). Each call uses
+ * its own Lua state, so a reload may call it while an older config is still in use. */
 int mg_config_load(const char *file, mg_config_t *cfg, char **errors);
 
 /* Frees everything the config owns (safe on a zeroed struct). */
