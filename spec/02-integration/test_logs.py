@@ -67,11 +67,16 @@ def test_one_json_line_per_request_with_every_field():
             r = request(gw.port, "GET", "/api/more/%d" % i)
             assert r.status == 200
             ids.append(r.header("x-request-id"))
+        t_done = time.monotonic()
         entries = gw.access_log(n=3, timeout=2)
+        # Flushed at least every 100 ms, without waiting for the gateway to stop.
+        assert len(entries) == 3 and time.monotonic() - t_done < 0.6, entries
         time.sleep(0.2)  # anything more than one line per request would show up by now
         entries = gw.access_log(n=3, timeout=0)
         assert len(entries) == 3, entries
         assert [e.get("request_id") for e in entries] == ids
+        # The same id went upstream with the request.
+        assert [q.header("x-request-id") for q in up.requests] == ids
         e = entries[0]
         missing = [k for k in FIELDS if k not in e]
         assert not missing, (missing, e)

@@ -300,6 +300,15 @@ def test_sequential_requests_reuse_one_upstream_connection():
         assert up.connections == 1
 
 
+def test_upstream_connection_close_is_honoured():
+    with Upstream.fixed(body=b"once", keepalive=False) as up, \
+            Gateway(proxy_config([target(up.port)])) as gw:
+        for i in range(3):
+            r = request(gw.port, "GET", "/close/%d" % i)
+            assert r.status == 200 and r.body == b"once", r
+        assert up.connections == 3
+
+
 def test_keepalive_requests_caps_exchanges_per_upstream_connection():
     with Upstream.fixed(body=b"capped") as up, \
             Gateway(proxy_config([target(up.port)], ", keepalive_requests = 3")) as gw:
@@ -404,6 +413,26 @@ def test_dead_target_is_ejected_after_max_fails():
             assert len(failures) <= 2, statuses
             assert statuses[4:] == [200] * 16, statuses
             assert len(live.requests) == statuses.count(200)
+
+
+def test_failing_target_is_ejected_for_fail_timeout_then_tried_again():
+    # A target that resets every request: unlike a refused connect, each attempt is counted.
+    def handler(conn):
+        if conn.read_request(timeout=5) is not None:
+            conn.reset()
+    with Upstream.fixed(body=b"live") as live, Upstream(handler) as bad:
+        config = proxy_config([target(bad.port), target(live.port)],
+                              ', max_fails = 2, fail_timeout = "1s"')
+        with Gateway(config) as gw:
+            statuses = [request(gw.port, "GET", "/f/%d" % i).status for i in range(12)]
+            assert set(statuses) <= {200, 502}, statuses
+            assert statuses.count(502) <= 2, statuses
+            assert statuses[4:] == [200] * 8, statuses
+            assert bad.connections == 2, "tried %d times, max_fails = 2" % bad.connections
+            time.sleep(1.2)
+            for i in range(4):
+                assert request(gw.port, "GET", "/g/%d" % i).status in (200, 502)
+            assert bad.connections >= 3, "never tried again after fail_timeout"
 
 
 def test_all_targets_dead_gives_502_then_503():
