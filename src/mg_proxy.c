@@ -300,7 +300,6 @@ static void build_request_head(mg_proxy_t *p, mg_buf_t *b) {
     mg_buf_append(b, req->host_header, req->host_header_len);
   else mg_buf_puts(b, p->target->name);
   mg_buf_append(b, "\r\n", 2);
-  const mg_header_t *xff = NULL;
   int has_connection = mg_request_header(req, "connection") != NULL;
   for (size_t i = 0; i < req->nheaders; i++) {
     const mg_header_t *h = &req->headers[i];
@@ -308,7 +307,7 @@ static void build_request_head(mg_proxy_t *p, mg_buf_t *b) {
     size_t nl = h->name_len;
     if (mg_http_is_hop_by_hop(n, nl)) continue;
     if (has_connection && named_in_connection(req, n, nl)) continue;
-    if (mg_http_ieq(n, nl, "x-forwarded-for")) { if (!xff) xff = h; continue; }
+    if (mg_http_ieq(n, nl, "x-forwarded-for")) continue;   /* merged below */
     if (mg_http_ieq(n, nl, "host") || mg_http_ieq(n, nl, "content-length") ||
         mg_http_ieq(n, nl, "expect") || mg_http_ieq(n, nl, "x-forwarded-proto") ||
         mg_http_ieq(n, nl, "x-forwarded-host") || mg_http_ieq(n, nl, "x-request-id"))
@@ -319,9 +318,13 @@ static void build_request_head(mg_proxy_t *p, mg_buf_t *b) {
     mg_buf_append(b, "\r\n", 2);
   }
   mg_conn_t *c = req->conn;
+  /* X-Forwarded-For: every incoming value (unless Connection named it), then the client. */
   mg_buf_append(b, "X-Forwarded-For: ", 17);
-  if (xff && xff->value_len) {
-    mg_buf_append(b, xff->value, xff->value_len);
+  for (size_t i = 0; i < req->nheaders; i++) {
+    const mg_header_t *h = &req->headers[i];
+    if (!mg_http_ieq(h->name, h->name_len, "x-forwarded-for") || h->value_len == 0) continue;
+    if (has_connection && named_in_connection(req, h->name, h->name_len)) break;
+    mg_buf_append(b, h->value, h->value_len);
     mg_buf_append(b, ", ", 2);
   }
   mg_buf_puts(b, c->client_ip);

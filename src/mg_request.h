@@ -72,6 +72,7 @@ struct mg_request {
   unsigned head_sent : 1;         /* response head written: errors can no longer be answered */
   unsigned done : 1;              /* the handler finished the response */
   unsigned aborted : 1;
+  unsigned version_seen : 1;
   uint32_t hosts_seen;
   size_t url_bytes, header_bytes, chunk_ext_bytes;
   uint64_t body_received;

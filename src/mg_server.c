@@ -328,6 +328,11 @@ static int on_url(llhttp_t *p, const char *at, size_t len) {
   return 0;
 }
 
+static int on_version(llhttp_t *p, const char *at, size_t len) {
+  CONN(p)->req->version_seen = 1;            /* "GET /" alone (HTTP/0.9 style) has none */
+  return 0;
+}
+
 static int count_header_bytes(mg_conn_t *c, size_t len) {
   mg_request_t *req = c->req;
   req->header_bytes += len;
@@ -435,6 +440,7 @@ void mg_server_init_parser_settings(void) {
   llhttp_settings_init(&parser_settings);
   parser_settings.on_message_begin = on_message_begin;
   parser_settings.on_url = on_url;
+  parser_settings.on_version = on_version;
   parser_settings.on_header_field = on_header_field;
   parser_settings.on_header_field_complete = on_header_field_complete;
   parser_settings.on_header_value = on_header_value;
@@ -498,7 +504,7 @@ static mg_http_error_t check_head(mg_conn_t *c, llhttp_t *p) {
   const mg_limits_conf_t *lim = &c->w->cfg->limits;
   req->http_major = llhttp_get_http_major(p);
   req->http_minor = llhttp_get_http_minor(p);
-  if (req->http_major == 0) return MG_HTTP_E_BAD_REQUEST;      /* no version (HTTP/0.9) */
+  if (!req->version_seen) return MG_HTTP_E_BAD_REQUEST;
   if (req->http_major != 1 || req->http_minor > 1) return MG_HTTP_E_VERSION_NOT_SUPPORTED;
   req->method = llhttp_get_method(p);
   req->method_name = llhttp_method_name((llhttp_method_t)req->method);
@@ -648,7 +654,13 @@ static size_t conn_parse(mg_conn_t *c, const char *data, size_t len) {
     mg_http_error_t err = c->error;
     if (!err) {
       switch (e) {
-        case HPE_INVALID_VERSION: err = MG_HTTP_E_VERSION_NOT_SUPPORTED; break;
+        case HPE_INVALID_VERSION: {
+          /* A well-formed version we do not speak is 505; a malformed line is 400. */
+          const char *why = llhttp_get_error_reason(&c->parser);
+          err = why && strstr(why, "Invalid") ? MG_HTTP_E_VERSION_NOT_SUPPORTED
+                                              : MG_HTTP_E_BAD_REQUEST;
+          break;
+        }
         case HPE_CB_HEADERS_COMPLETE: case HPE_USER: err = MG_HTTP_E_BAD_REQUEST; break;
         default: err = MG_HTTP_E_BAD_REQUEST; break;
       }
@@ -659,7 +671,10 @@ static size_t conn_parse(mg_conn_t *c, const char *data, size_t len) {
     return (size_t)-1;
   }
   if (used) c->last_byte = data[used - 1];
-  if (c->req) c->req->bytes_in += used;
+  if (c->req) {
+    c->req->bytes_in += used;
+    if (c->state == MG_CONN_BUSY && c->req->body_reading) conn_arm_timer(c); /* idle, per read */
+  }
   return used;
 }
 

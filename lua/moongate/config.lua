@@ -1046,7 +1046,7 @@ local function check_respond(st, d, v, out)
   else
     st:error(d.line, "%s: respond body must be a string or a table, got %s", d.ctx, describe(body))
   end
-  if status_ok and (status == 204 or status == 304) and body ~= nil then
+  if status_ok and (status == 204 or status == 304) and body ~= nil and body ~= "" then
     st:error(d.line, "%s: a %d response cannot have a body", d.ctx, status)
   end
   local list = {}
