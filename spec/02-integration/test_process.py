@@ -158,6 +158,9 @@ def test_stop_signal_lets_the_in_flight_request_finish(sig):
         code = gw.wait_exit(5)
         assert code == 0, gw.stderr_text()
         assert time.monotonic() - t_sig < 3.0
+        # The finished request made it into the access log before the exit.
+        logged = [(e.get("path"), e.get("status")) for e in gw.access_log(n=1, timeout=0)]
+        assert logged == [("/slow", 200)], logged
 
 
 def test_drain_timeout_cuts_a_request_that_runs_too_long():
