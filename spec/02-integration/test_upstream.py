@@ -521,3 +521,27 @@ def test_interim_response_then_final_answer(interim):
         assert resp.status == 200 and resp.body == b"final", data
         r2 = request(gw.port, "GET", "/after")
         assert r2.status == 200 and r2.body == b"final", r2
+
+
+def test_client_going_away_cancels_the_upstream_exchange():
+    # An endless streamed answer: once the client hangs up, the gateway must drop the upstream
+    # connection rather than keep reading (or buffering) a body nobody will get.
+    gone = threading.Event()
+
+    def handler(conn):
+        if conn.read_request(timeout=5) is None:
+            return
+        conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            if not conn.send(b"400\r\n" + b"z" * 1024 + b"\r\n"):
+                gone.set()
+                return
+            time.sleep(0.005)
+    with Upstream(handler) as up, Gateway(proxy_config([target(up.port)])) as gw:
+        c = Client(gw.port)
+        c.send_request("GET", "/endless")
+        got = c.read_some(timeout=3, n=8192)
+        assert got.startswith(b"HTTP/1.1 200") and len(got) >= 8192, got[:100]
+        c.close()
+        assert gone.wait(2.5), "the upstream connection outlived the client by 2.5 s"
