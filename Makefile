@@ -31,6 +31,9 @@ all: $(BUILD)/moongate $(CTESTS)
 $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h) | $(BUILD)/obj
 	$(CC) $(CFLAGS) -DMG_LUA_DIR='"$(CURDIR)/lua"' -c $< -o $@
 
+# The config loader embeds lua/moongate/config.lua into the binary.
+$(BUILD)/obj/mg_config.o: lua/moongate/config.lua
+
 # llhttp from Debian's node-llhttp sources, in strict mode, no lenient flags (see README).
 $(BUILD)/obj/llhttp/%.o: $(LLHTTP_DIR)/%.c | $(BUILD)/obj
 	@mkdir -p $(dir $@)

@@ -129,7 +129,11 @@ static void spawn(master_t *m, int s) {
         for (size_t i = 0; i < m->cfg->nlistens; i++) close(m->slots[o].fds[i]);
     int rc = mg_worker_run(m->cfg, slot->fds);
     mg_config_free(m->cfg);
-    _exit(rc);
+    free(slot->fds);
+    for (int o = 0; o < m->nslots; o++)
+      if (o != s) free(m->slots[o].fds);
+    free(m->slots);
+    exit(rc);                                /* exit, not _exit: LeakSanitizer checks here */
   }
   slot->pid = pid;
   slot->started_ms = uv_now(&m->loop);
