@@ -32,13 +32,16 @@ CONNS=50
 ACTIVE_CONNS=1000
 IDLE_CONNS=10000
 PY=${PYTHON:-python3}
+CLK_TCK=$(getconf CLK_TCK)
 REPORT="$PY $HERE/report.py"
 
 log() { printf 'bench: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 
 # --- dependencies ---------------------------------------------------------------------------
-"$ROOT/scripts/deps.sh" bench >&2 || die "scripts/deps.sh bench failed"
+# The bench needs nginx, haproxy, wrk and taskset; if the install fails but they are present,
+# go on (the nginx Lua module that deps.sh also installs is not used here).
+"$ROOT/scripts/deps.sh" bench >&2 || log "scripts/deps.sh bench failed; trying with what is installed"
 for tool in nginx haproxy wrk taskset curl pgrep "$PY"; do
   command -v "$tool" >/dev/null 2>&1 || die "missing tool: $tool"
 done
@@ -63,6 +66,7 @@ if [ "$(nproc)" -lt 2 ]; then
 fi
 
 # --- process bookkeeping --------------------------------------------------------------------
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/moongate-bench.XXXXXX") || die "mktemp failed"
 chmod 755 "$TMP"   # nginx workers may run as an unprivileged user
 PIDS=()
@@ -91,6 +95,10 @@ tree_ticks() {  # PID -> utime+stime (clock ticks) summed over the process tree
     sum=$((sum + a[11] + a[12]))   # fields 14 and 15 of /proc/PID/stat
   done
   echo "$sum"
+}
+
+cpu_busy() {  # CPU -> busy clock ticks of that CPU so far (user nice system irq softirq steal)
+  awk -v c="cpu$1" '$1 == c {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat
 }
 
 tree_rss_kb() {  # PID -> VmRSS (KiB) summed over the process tree
@@ -266,19 +274,24 @@ for scen in 12 1k; do
       pid=${PID[$t]}
       if [ -n "$pid" ] && ! alive "$pid"; then
         log "[$scen r$round] $t: process died; skipping"
-        printf '%s\t%s\t%s\t0\t0\t0\t0\t-1\t-\n' "$scen" "$t" "$round" >>"$TMP/runs.tsv"
+        printf '%s\t%s\t%s\t0\t0\t0\t0\t-1\t-\t0\t0\n' "$scen" "$t" "$round" >>"$TMP/runs.tsv"
         continue
       fi
       t0=-; t1=-
       [ -n "$pid" ] && t0=$(tree_ticks "$pid")
+      b0=$(cpu_busy "$CPU_PROXY"); w0=$(date +%s%N)
       run_wrk "$CONNS" "$DUR" "${PORT[$t]}" "/$scen" "$out"
+      b1=$(cpu_busy "$CPU_PROXY"); w1=$(date +%s%N)
       [ -n "$pid" ] && t1=$(tree_ticks "$pid")
       read -r req rps p50 p99 errs <<<"$($REPORT parse-wrk "$out")"
-      ticks=-
-      [ -n "$pid" ] && ticks=$((t1 - t0))
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
-        "$scen" "$t" "$round" "$req" "$rps" "$p50" "$p99" "$errs" "$ticks" >>"$TMP/runs.tsv"
-      log "[$scen r$round] $t: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, cpu ticks $ticks, errors $errs"
+      ticks=-; own=0
+      [ -n "$pid" ] && { ticks=$((t1 - t0)); own=$ticks; }
+      # Ticks that other processes (other work on this machine) took on the proxy's CPU.
+      other=$((b1 - b0 - own)); [ "$other" -lt 0 ] && other=0
+      wall=$(((w1 - w0) * CLK_TCK / 1000000000))
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$t" "$round" \
+        "$req" "$rps" "$p50" "$p99" "$errs" "$ticks" "$other" "$wall" >>"$TMP/runs.tsv"
+      log "[$scen r$round] $t: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, cpu ticks $ticks, errors $errs, other load on CPU $CPU_PROXY: $other/$wall ticks"
       [ "$req" = 0 ] && sed 's/^/  | /' "$out" | tail -n 5 >&2
     done
   done
@@ -383,7 +396,9 @@ mg_ver="moongate $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'
   echo "duration=$DUR"
   echo "rounds=$ROUNDS"
   echo "quick=$QUICK"
-  echo "clk_tck=$(getconf CLK_TCK)"
+  echo "clk_tck=$CLK_TCK"
+  echo "cpu_proxy=$CPU_PROXY"
+  echo "loadavg=$LOAD_START at start, $(cut -d' ' -f1-3 /proc/loadavg) at end"
   echo "active_conns=$ACTIVE_CONNS"
   echo "idle_conns=$IDLE_CONNS"
 } >"$TMP/meta.env"

@@ -112,6 +112,7 @@ def render(d):
     w("- Machine: %s CPUs, %s, Linux %s" % (meta.get("nproc", "?"), meta.get("cpu", "?"),
                                              meta.get("kernel", "?")))
     w("- Versions: %s" % meta.get("versions", "?"))
+    w("- Load average (1/5/15 min): %s" % meta.get("loadavg", "?"))
     w("- Method: origin = %s on CPU 1; proxy under test (one worker/thread) on CPU 0; "
       "`wrk -t1 -c50 -d%ss --latency` on CPU 1. %s interleaved rounds (direct, nginx, "
       "HAProxy, moongate, then again); each cell is the median of the rounds, the req/s range "
@@ -144,6 +145,14 @@ def render(d):
             if len(good) < len(rs):
                 notes.append("%s / %s: %d of %d runs produced no wrk result."
                              % (LABELS[t], scen, len(rs) - len(good), len(rs)))
+            busy = [(int(r[9]), int(r[10])) for r in good if len(r) >= 11 and int(r[10]) > 0]
+            if t != "direct" and busy:
+                share = sum(b for b, _ in busy) / sum(wl for _, wl in busy)
+                if share >= 0.05:
+                    notes.append("%s / %s: other processes on this machine took %.0f%% of CPU %s "
+                                 "during these runs; the proxy's req/s is understated (its CPU "
+                                 "per request is less affected)."
+                                 % (LABELS[t], scen, share * 100, meta.get("cpu_proxy", "0")))
             med[t] = {
                 "rps": statistics.median(rps), "min": min(rps), "max": max(rps),
                 "p50": statistics.median(float(r[5]) for r in good),
