@@ -101,6 +101,13 @@ cpu_busy() {  # CPU -> busy clock ticks of that CPU so far (user nice system irq
   awk -v c="cpu$1" '$1 == c {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat
 }
 
+child_ticks() {  # FILE (output of the `times` builtin) -> CPU ticks of this shell's reaped children
+  awk -v hz="$CLK_TCK" 'NR == 2 {
+    t = 0
+    for (i = 1; i <= 2; i++) { split($i, a, "m"); t += a[1] * 60 + substr(a[2], 1, length(a[2]) - 1) }
+    printf "%d\n", t * hz + 0.5 }' "$1"
+}
+
 tree_rss_kb() {  # PID -> VmRSS (KiB) summed over the process tree
   local sum=0 p v
   for p in $(tree_pids "$1"); do
@@ -274,24 +281,33 @@ for scen in 12 1k; do
       pid=${PID[$t]}
       if [ -n "$pid" ] && ! alive "$pid"; then
         log "[$scen r$round] $t: process died; skipping"
-        printf '%s\t%s\t%s\t0\t0\t0\t0\t-1\t-\t0\t0\n' "$scen" "$t" "$round" >>"$TMP/runs.tsv"
+        printf '%s\t%s\t%s\t0\t0\t0\t0\t-1\t-\t0\t0\t0\t0\t0\n' "$scen" "$t" "$round" >>"$TMP/runs.tsv"
         continue
       fi
       t0=-; t1=-
       [ -n "$pid" ] && t0=$(tree_ticks "$pid")
+      o0=$(tree_ticks "$ORIGIN_PID"); l0=$(cpu_busy "$CPU_LOAD")
       b0=$(cpu_busy "$CPU_PROXY"); w0=$(date +%s%N)
+      times >"$TMP/times0"   # no subshell: `times` must see this shell's children (wrk)
       run_wrk "$CONNS" "$DUR" "${PORT[$t]}" "/$scen" "$out"
+      times >"$TMP/times1"
       b1=$(cpu_busy "$CPU_PROXY"); w1=$(date +%s%N)
+      l1=$(cpu_busy "$CPU_LOAD"); o1=$(tree_ticks "$ORIGIN_PID")
       [ -n "$pid" ] && t1=$(tree_ticks "$pid")
       read -r req rps p50 p99 errs <<<"$($REPORT parse-wrk "$out")"
       ticks=-; own=0
       [ -n "$pid" ] && { ticks=$((t1 - t0)); own=$ticks; }
       # Ticks that other processes (other work on this machine) took on the proxy's CPU.
       other=$((b1 - b0 - own)); [ "$other" -lt 0 ] && other=0
+      wrk_ticks=$(($(child_ticks "$TMP/times1") - $(child_ticks "$TMP/times0")))
+      other_load=$((l1 - l0 - (o1 - o0) - wrk_ticks)); [ "$other_load" -lt 0 ] && other_load=0
       wall=$(((w1 - w0) * CLK_TCK / 1000000000))
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$t" "$round" \
-        "$req" "$rps" "$p50" "$p99" "$errs" "$ticks" "$other" "$wall" >>"$TMP/runs.tsv"
-      log "[$scen r$round] $t: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, cpu ticks $ticks, errors $errs, other load on CPU $CPU_PROXY: $other/$wall ticks"
+      # runs.tsv: scenario target round requests rps p50_ms p99_ms errors proxy_ticks
+      #           other_ticks_cpu_proxy wall_ticks other_ticks_cpu_load origin_ticks wrk_ticks
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$t" \
+        "$round" "$req" "$rps" "$p50" "$p99" "$errs" "$ticks" "$other" "$wall" "$other_load" \
+        "$((o1 - o0))" "$wrk_ticks" >>"$TMP/runs.tsv"
+      log "[$scen r$round] $t: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, cpu ticks $ticks, errors $errs; ticks of other processes: CPU $CPU_PROXY $other, CPU $CPU_LOAD $other_load (of $wall; origin $((o1 - o0)), wrk $wrk_ticks)"
       [ "$req" = 0 ] && sed 's/^/  | /' "$out" | tail -n 5 >&2
     done
   done
@@ -398,6 +414,7 @@ mg_ver="moongate $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'
   echo "quick=$QUICK"
   echo "clk_tck=$CLK_TCK"
   echo "cpu_proxy=$CPU_PROXY"
+  echo "cpu_load=$CPU_LOAD"
   echo "loadavg=$LOAD_START at start, $(cut -d' ' -f1-3 /proc/loadavg) at end"
   echo "active_conns=$ACTIVE_CONNS"
   echo "idle_conns=$IDLE_CONNS"

@@ -145,14 +145,23 @@ def render(d):
             if len(good) < len(rs):
                 notes.append("%s / %s: %d of %d runs produced no wrk result."
                              % (LABELS[t], scen, len(rs) - len(good), len(rs)))
-            busy = [(int(r[9]), int(r[10])) for r in good if len(r) >= 11 and int(r[10]) > 0]
-            if t != "direct" and busy:
-                share = sum(b for b, _ in busy) / sum(wl for _, wl in busy)
-                if share >= 0.05:
-                    notes.append("%s / %s: other processes on this machine took %.0f%% of CPU %s "
-                                 "during these runs; the proxy's req/s is understated (its CPU "
-                                 "per request is less affected)."
-                                 % (LABELS[t], scen, share * 100, meta.get("cpu_proxy", "0")))
+            # Ticks other processes (not the proxy, origin or wrk) took on the two CPUs.
+            busy = [(int(r[9]), int(r[11]), int(r[10])) for r in good
+                    if len(r) >= 12 and int(r[10]) > 0]
+            if busy:
+                wall = sum(b[2] for b in busy)
+                shares = []
+                if t != "direct":
+                    shares.append((sum(b[0] for b in busy) / wall, meta.get("cpu_proxy", "0"),
+                                   "proxy"))
+                shares.append((sum(b[1] for b in busy) / wall, meta.get("cpu_load", "1"),
+                               "wrk + origin"))
+                hit = ["%.0f%% of CPU %s (%s)" % (x * 100, cpu, who)
+                       for x, cpu, who in shares if x >= 0.05]
+                if hit:
+                    notes.append("%s / %s: other processes on this machine took %s during "
+                                 "these runs; req/s and latency are disturbed (CPU per request "
+                                 "less so)." % (LABELS[t], scen, " and ".join(hit)))
             med[t] = {
                 "rps": statistics.median(rps), "min": min(rps), "max": max(rps),
                 "p50": statistics.median(float(r[5]) for r in good),
@@ -160,16 +169,35 @@ def render(d):
                 "cpu": statistics.median(cpu) if cpu else None,
             }
         base = med.get("nginx")
-        proxies = [med[t]["rps"] for t in TARGETS[1:] if med[t]]
-        if med["direct"] and proxies:
-            head = med["direct"]["rps"] / max(proxies)
-            if head >= 1.15:
-                notes.append("%s: the origin and wrk alone (direct) do %.2f× the fastest proxy's "
-                             "rate, so CPU 1 is not what limits the proxied runs." % (scen, head))
+        # Where each run's CPU went: the proxy's share of its CPU, wrk + origin's of theirs.
+        use = []
+        load_max = 0.0
+        for t in TARGETS:
+            rs = [r for r in runs if len(r) >= 14 and r[0] == scen and r[1] == t
+                  and int(r[3]) > 0 and int(r[10]) > 0]
+            if not rs:
+                continue
+            wall = sum(int(r[10]) for r in rs)
+            load = sum(int(r[12]) + int(r[13]) for r in rs) / wall
+            if t == "direct":
+                use.append("direct —/%.0f%%" % (load * 100))
             else:
-                notes.append("%s: direct is only %.2f× the fastest proxy's rate: wrk + origin on "
-                             "CPU 1 may be the bottleneck; proxy figures may be understated."
-                             % (scen, head))
+                load_max = max(load_max, load)
+                use.append("%s %.0f%%/%.0f%%" % (t, sum(int(r[8]) for r in rs) / wall * 100,
+                                                 load * 100))
+        proxies = [med[t]["rps"] for t in TARGETS[1:] if med[t]]
+        if use:
+            text = ("%s: CPU busy during the runs (proxy on CPU %s / wrk + origin on CPU %s): %s."
+                    % (scen, meta.get("cpu_proxy", "0"), meta.get("cpu_load", "1"),
+                       ", ".join(use)))
+            if med["direct"] and proxies:
+                text += (" Without a proxy, wrk + origin reach %.2f× the fastest proxy's rate."
+                         % (med["direct"]["rps"] / max(proxies)))
+            if load_max >= 0.85:
+                text += (" CPU 1 is near saturation in the proxied runs too, so req/s is partly "
+                         "set by the load side and understates the differences between proxies; "
+                         "CPU µs/req is the figure to compare.")
+            notes.append(text)
         for t in TARGETS:
             m = med[t]
             if m is None:
