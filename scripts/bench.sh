@@ -297,6 +297,10 @@ for scen in 12 1k; do
       read -r req rps p50 p99 errs <<<"$($REPORT parse-wrk "$out")"
       ticks=-; own=0
       [ -n "$pid" ] && { ticks=$((t1 - t0)); own=$ticks; }
+      if [ -n "$pid" ] && ! alive "$pid"; then   # died during the run: its ticks are gone
+        log "[$scen r$round] $t: process died during the run"
+        ticks=-; own=0
+      fi
       # Ticks that other processes (other work on this machine) took on the proxy's CPU.
       other=$((b1 - b0 - own)); [ "$other" -lt 0 ] && other=0
       wrk_ticks=$(($(child_ticks "$TMP/times1") - $(child_ticks "$TMP/times0")))
