@@ -56,8 +56,11 @@ static int cmd_stop(mg_config_t *cfg) {
     fprintf(stderr, "moongate: cannot signal pid %d: %s\n", pid, strerror(errno));
     return 1;
   }
-  /* Wait (bounded) for the master to finish draining, so scripts can rely on it. */
-  for (int i = 0; i < 600 && kill(pid, 0) == 0; i++) usleep(50 * 1000);
+  /* Wait (bounded) for the master to finish draining, so scripts can rely on it. The master
+   * removes its pid file last; a master that exited but was not yet reaped by its parent
+   * still answers kill(pid, 0), so the file is what tells. */
+  for (int i = 0; i < 600 && kill(pid, 0) == 0 && access(path, F_OK) == 0; i++)
+    usleep(50 * 1000);
   return 0;
 }
 
