@@ -64,7 +64,7 @@ static llhttp_settings_t response_settings;
 
 static void proxy_connect(mg_proxy_t *p);
 static void proxy_fail(mg_proxy_t *p, mg_http_error_t err);
-static void on_upstream_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+static void on_upstream_read(mg_upconn_t *uc, ssize_t nread, const uv_buf_t *buf);
 
 static uint64_t ms(double s) { return s <= 0 ? 0 : (uint64_t)(s * 1000.0 + 0.5); }
 
@@ -399,7 +399,7 @@ static void proxy_send(mg_proxy_t *p) {
     proxy_fail(p, MG_HTTP_E_BAD_GATEWAY);
     return;
   }
-  uv_read_start((uv_stream_t *)&uc->tcp, mg_worker_alloc_cb, on_upstream_read);
+  mg_upconn_read_start(uc, on_upstream_read);
   proxy_arm_timer(p);
   if (req->has_body && !req->body_done) {
     req->on_body = proxy_on_body;
@@ -658,7 +658,7 @@ static int proxy_flush(mg_proxy_t *p) {
   mg_buf_reset(&p->out, 64 * 1024);
   if (mg_conn_write_queue(req->conn) > MG_PROXY_HIGH_WATER && p->uc && !p->upstream_paused) {
     p->upstream_paused = 1;
-    uv_read_stop((uv_stream_t *)&p->uc->tcp);
+    mg_upconn_read_stop(p->uc);
     proxy_arm_timer(p);
   }
   return 0;
@@ -668,12 +668,11 @@ static void proxy_on_drain(mg_request_t *req) {
   mg_proxy_t *p = req->handler;
   if (!p || !p->upstream_paused || !p->uc) return;
   p->upstream_paused = 0;
-  uv_read_start((uv_stream_t *)&p->uc->tcp, mg_worker_alloc_cb, on_upstream_read);
+  mg_upconn_read_start(p->uc, on_upstream_read);
   proxy_arm_timer(p);
 }
 
-static void on_upstream_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
-  mg_upconn_t *uc = container_of(s, mg_upconn_t, tcp);
+static void on_upstream_read(mg_upconn_t *uc, ssize_t nread, const uv_buf_t *buf) {
   mg_proxy_t *p = uc->data;
   if (!p || nread == 0) return;
   if (nread < 0) {

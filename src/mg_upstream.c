@@ -186,12 +186,31 @@ mg_upconn_t *mg_upconn_connect(mg_target_t *t, mg_upconn_connect_cb cb, void *da
  * The keep-alive pool.
  * ---------------------------------------------------------------------------------------- */
 
-static void on_idle_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+/* The one read callback of every upstream connection: the owner's callback while busy;
+ * while idle, bytes from the upstream were never asked for and EOF means it closed. Either
+ * way an idle connection can no longer carry a clean exchange. */
+static void on_upconn_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   mg_upconn_t *c = container_of(s, mg_upconn_t, tcp);
-  if (nread == 0) return;
-  /* Bytes from an idle upstream were never asked for; EOF means it closed. Either way the
-   * connection can no longer carry a clean exchange. */
-  mg_upconn_close(c);
+  if (c->state == MG_UPCONN_BUSY && c->read_cb) {
+    c->read_cb(c, nread, buf);
+    return;
+  }
+  if (nread != 0) mg_upconn_close(c);
+}
+
+void mg_upconn_read_start(mg_upconn_t *c, mg_upconn_read_cb cb) {
+  c->read_cb = cb;
+  if (!c->reading) {
+    c->reading = 1;
+    uv_read_start((uv_stream_t *)&c->tcp, mg_worker_alloc_cb, on_upconn_read);
+  }
+}
+
+void mg_upconn_read_stop(mg_upconn_t *c) {
+  if (c->reading) {
+    c->reading = 0;
+    uv_read_stop((uv_stream_t *)&c->tcp);
+  }
 }
 
 static void on_idle_timeout(uv_timer_t *t) {
@@ -202,8 +221,8 @@ mg_upconn_t *mg_pool_acquire(mg_target_t *t) {
   mg_upconn_t *c = t->idle;
   if (!c) return NULL;
   idle_unlink(c);
-  uv_read_stop((uv_stream_t *)&c->tcp);
   uv_timer_stop(&c->timer);
+  c->read_cb = NULL;                         /* still reading: see on_upconn_read */
   c->state = MG_UPCONN_BUSY;
   return c;
 }
@@ -213,7 +232,7 @@ void mg_pool_release(mg_upconn_t *c) {
   const mg_upstream_conf_t *uc = t->up->conf;
   c->requests++;
   c->data = NULL;
-  uv_read_stop((uv_stream_t *)&c->tcp);
+  c->read_cb = NULL;
   uv_timer_stop(&c->timer);
   if (c->w->stopping || uc->keepalive_max_idle <= 0 || c->requests >= uc->keepalive_requests ||
       t->nidle >= (size_t)uc->keepalive_max_idle || c->write_queued) {
@@ -226,7 +245,7 @@ void mg_pool_release(mg_upconn_t *c) {
   if (t->idle) t->idle->prev = c;
   t->idle = c;
   t->nidle++;
-  uv_read_start((uv_stream_t *)&c->tcp, mg_worker_alloc_cb, on_idle_read);
+  mg_upconn_read_start(c, NULL);             /* an idle connection keeps listening */
   uint64_t timeout = ms(uc->keepalive_timeout);
   uv_timer_start(&c->timer, on_idle_timeout, timeout ? timeout : 1, 0);
 }

@@ -37,6 +37,9 @@ typedef struct mg_upstream {
  * connection is already closing: do not touch it again. */
 typedef void (*mg_upconn_connect_cb)(mg_upconn_t *c, int status, void *data);
 
+/* The owner's read callback while the connection is busy (libuv's nread/buf semantics). */
+typedef void (*mg_upconn_read_cb)(mg_upconn_t *c, ssize_t nread, const uv_buf_t *buf);
+
 enum { MG_UPCONN_CONNECTING = 1, MG_UPCONN_BUSY, MG_UPCONN_IDLE, MG_UPCONN_CLOSING };
 
 struct mg_upconn {
@@ -54,6 +57,8 @@ struct mg_upconn {
   int fail_status;              /* a connect failure reported from the timer (deferred) */
   void *resolve_pending;
   mg_upconn_connect_cb connect_cb;
+  mg_upconn_read_cb read_cb;    /* the owner's, while busy */
+  int reading;                  /* uv_read_start is in effect */
   void *data;                   /* the owner (a proxy exchange) while busy */
 };
 
@@ -75,6 +80,13 @@ mg_upconn_t *mg_pool_acquire(mg_target_t *t);
 /* Opens a fresh connection to T: resolves the host (cached), connects with the upstream's
  * connect timeout, sets TCP_NODELAY; calls CB(c, status, DATA) once. */
 mg_upconn_t *mg_upconn_connect(mg_target_t *t, mg_upconn_connect_cb cb, void *data);
+
+/* Delivers what the upstream sends to CB (the owner's) until the connection is released.
+ * Reading continues across pool transitions, so this costs no system call on a pooled one. */
+void mg_upconn_read_start(mg_upconn_t *c, mg_upconn_read_cb cb);
+
+/* Stops reading (back-pressure); mg_upconn_read_start resumes. */
+void mg_upconn_read_stop(mg_upconn_t *c);
 
 /* Returns a connection whose exchange was complete and clean to its target's pool (or
  * closes it when the pool is full or it served keepalive_requests exchanges). */
