@@ -427,8 +427,10 @@ mg_ver="moongate $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'
 $REPORT render "$TMP" >"$TMP/report.md" || die "report failed"
 mkdir -p "$ROOT/bench-results"
 cp "$TMP/report.md" "$ROOT/bench-results/latest.md"
-cp "$TMP/runs.tsv" "$ROOT/bench-results/latest-runs.tsv"
-cp "$TMP/mem.tsv" "$ROOT/bench-results/latest-mem.tsv"
+# The raw inputs, so that `scripts/bench/report.py render bench-results/latest-raw` redraws it.
+rm -rf "$ROOT/bench-results/latest-raw"
+mkdir -p "$ROOT/bench-results/latest-raw"
+cp "$TMP/meta.env" "$TMP/status.tsv" "$TMP/runs.tsv" "$TMP/mem.tsv" "$ROOT/bench-results/latest-raw/"
 echo
 cat "$TMP/report.md"
 echo

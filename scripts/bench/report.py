@@ -79,6 +79,20 @@ def read_meta(path):
     return meta
 
 
+DISTURBED = 0.10
+
+
+def disturbed(r, target):
+    """True when other processes took >= DISTURBED of the proxy's CPU (proxy runs) or of the
+    wrk + origin CPU during run r."""
+    if len(r) < 12 or int(r[10]) <= 0:
+        return False
+    wall = int(r[10])
+    if target != "direct" and int(r[9]) / wall >= DISTURBED:
+        return True
+    return int(r[11]) / wall >= DISTURBED
+
+
 def fmt_int(x):
     return "{:,}".format(int(round(x)))
 
@@ -115,8 +129,8 @@ def render(d):
     w("- Load average (1/5/15 min): %s" % meta.get("loadavg", "?"))
     w("- Method: origin = %s on CPU 1; proxy under test (one worker/thread) on CPU 0; "
       "`wrk -t1 -c50 -d%ss --latency` on CPU 1. %s interleaved rounds (direct, nginx, "
-      "HAProxy, moongate, then again); each cell is the median of the rounds, the req/s range "
-      "is min–max. CPU = utime+stime of all the proxy's processes (/proc/PID/stat) over the "
+      "HAProxy, moongate, then again); each cell is the median of the rounds (leaving out runs "
+      "disturbed by other processes, see notes), the req/s range is min–max. CPU = utime+stime of all the proxy's processes (/proc/PID/stat) over the "
       "run divided by the requests wrk completed.%s"
       % (meta.get("origin", "nginx"), meta.get("duration", "?"), meta.get("rounds", "3"),
          " **Quick mode (BENCH_QUICK=1): short runs, numbers are rough.**"
@@ -130,21 +144,31 @@ def render(d):
         w("| Target | req/s (min–max) | req/s vs nginx | p50 | p99 | CPU µs/req | CPU vs nginx |")
         w("|---|---:|---:|---:|---:|---:|---:|")
         med = {}
+        used = {}
         for t in TARGETS:
             rs = [r for r in runs if len(r) >= 9 and r[0] == scen and r[1] == t]
             good = [r for r in rs if int(r[3]) > 0]
             if not good:
                 med[t] = None
                 continue
+            if len(good) < len(rs):
+                notes.append("%s / %s: %d of %d runs produced no wrk result."
+                             % (LABELS[t], scen, len(rs) - len(good), len(rs)))
+            # Runs that other work on the machine disturbed (>= DISTURBED of a CPU) are left out
+            # when at least one undisturbed run remains; the raw runs are in latest-runs.tsv.
+            clean = [r for r in good if not disturbed(r, t)]
+            if clean and len(clean) < len(good):
+                notes.append("%s / %s: %d of %d runs left out: other processes took ≥%.0f%% of "
+                             "a CPU during them." % (LABELS[t], scen, len(good) - len(clean),
+                                                     len(good), DISTURBED * 100))
+                good = clean
+            used[t] = good
             rps = [float(r[4]) for r in good]
             cpu = [int(r[8]) * 1e6 / clk / int(r[3]) for r in good if r[8] != "-"]
             errs = sum(int(r[7]) for r in good)
             if errs:
                 notes.append("%s / %s: wrk counted %d errors (non-2xx or socket errors) over "
                              "the rounds." % (LABELS[t], scen, errs))
-            if len(good) < len(rs):
-                notes.append("%s / %s: %d of %d runs produced no wrk result."
-                             % (LABELS[t], scen, len(rs) - len(good), len(rs)))
             # Ticks other processes (not the proxy, origin or wrk) took on the two CPUs.
             busy = [(int(r[9]), int(r[11]), int(r[10])) for r in good
                     if len(r) >= 12 and int(r[10]) > 0]
@@ -173,8 +197,7 @@ def render(d):
         use = []
         load_max = 0.0
         for t in TARGETS:
-            rs = [r for r in runs if len(r) >= 14 and r[0] == scen and r[1] == t
-                  and int(r[3]) > 0 and int(r[10]) > 0]
+            rs = [r for r in used.get(t, []) if len(r) >= 14 and int(r[10]) > 0]
             if not rs:
                 continue
             wall = sum(int(r[10]) for r in rs)
@@ -194,9 +217,9 @@ def render(d):
                 text += (" Without a proxy, wrk + origin reach %.2f× the fastest proxy's rate."
                          % (med["direct"]["rps"] / max(proxies)))
             if load_max >= 0.85:
-                text += (" CPU 1 is near saturation in the proxied runs too, so req/s is partly "
-                         "set by the load side and understates the differences between proxies; "
-                         "CPU µs/req is the figure to compare.")
+                text += (" CPU %s is near saturation in the proxied runs too, so req/s is "
+                         "partly set by the load side and understates the differences between "
+                         "proxies; CPU µs/req is the figure to compare." % meta.get("cpu_load", "1"))
             notes.append(text)
         for t in TARGETS:
             m = med[t]
