@@ -14,10 +14,30 @@
 #include "mg_request.h"
 #include "mg_upstream.h"
 
+/* Finished requests are kept (up to this many per worker) with their buffers, so a busy
+ * worker serves requests without calling malloc for them. */
+#define MG_SPARE_REQUESTS 64
+#define MG_SPARE_BUF_MAX (16 * 1024)
+
+static void hex16(char *out, uint64_t v) {
+  static const char digits[] = "0123456789abcdef";
+  for (int i = 15; i >= 0; i--, v >>= 4) out[i] = digits[v & 15];
+}
+
 mg_request_t *mg_request_new(mg_conn_t *c) {
-  mg_request_t *req = calloc(1, sizeof *req);
-  if (!req) return NULL;
   mg_worker_t *w = c->w;
+  mg_request_t *req = w->spare;
+  if (req) {
+    w->spare = req->handler;
+    w->nspare--;
+    mg_buf_t head = req->head, offs = req->offs;
+    memset(req, 0, sizeof *req);
+    req->head = head;
+    req->offs = offs;
+  } else {
+    req = calloc(1, sizeof *req);
+    if (!req) return NULL;
+  }
   req->conn = c;
   req->w = w;
   req->listener = c->listener;
@@ -25,16 +45,38 @@ mg_request_t *mg_request_new(mg_conn_t *c) {
   req->upstream_time = -1;
   req->start_ns = uv_hrtime();
   req->start_wall = mg_http_wall_time();
-  snprintf(req->id, sizeof req->id, "%s%016llx", w->id_prefix,
-           (unsigned long long)++w->requests);
+  memcpy(req->id, w->id_prefix, 16);
+  hex16(req->id + 16, ++w->requests);
+  req->id[32] = '\0';
   return req;
 }
 
 void mg_request_free(mg_request_t *req) {
+  mg_worker_t *w = req->w;
+  free(req->headers);
+  req->headers = NULL;
+  if (w && w->nspare < MG_SPARE_REQUESTS && !w->stopping) {
+    mg_buf_reset(&req->head, MG_SPARE_BUF_MAX);
+    mg_buf_reset(&req->offs, MG_SPARE_BUF_MAX);
+    req->handler = w->spare;
+    w->spare = req;
+    w->nspare++;
+    return;
+  }
   mg_buf_dispose(&req->head);
   mg_buf_dispose(&req->offs);
-  free(req->headers);
   free(req);
+}
+
+void mg_request_free_spares(mg_worker_t *w) {
+  while (w->spare) {
+    mg_request_t *req = w->spare;
+    w->spare = req->handler;
+    mg_buf_dispose(&req->head);
+    mg_buf_dispose(&req->offs);
+    free(req);
+  }
+  w->nspare = 0;
 }
 
 const mg_header_t *mg_request_header(const mg_request_t *req, const char *lower_name) {

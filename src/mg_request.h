@@ -170,8 +170,11 @@ void mg_request_start(mg_request_t *req);
 /* Starts a new request on C (first byte seen). Returns NULL when out of memory. */
 mg_request_t *mg_request_new(mg_conn_t *c);
 
-/* Frees a request (after the LOG phase). */
+/* Frees a request (after the LOG phase); it may be kept for reuse by the worker. */
 void mg_request_free(mg_request_t *req);
+
+/* Frees the requests a worker kept for reuse (at exit). */
+void mg_request_free_spares(mg_worker_t *w);
 
 /* The handler finished the response: once the writes drain, the LOG phase runs and the
  * connection serves the next request or closes. */

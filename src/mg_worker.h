@@ -41,6 +41,8 @@ typedef struct mg_worker {
   uv_timer_t drain_timer;
   uint64_t requests;            /* requests started (request ids) */
   char id_prefix[17];           /* random per worker: request ids are prefix + counter */
+  struct mg_request *spare;     /* finished requests kept for reuse (their buffers too) */
+  size_t nspare;
   char readbuf[MG_READ_BUF_SIZE];
 } mg_worker_t;
 
