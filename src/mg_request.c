@@ -43,8 +43,6 @@ mg_request_t *mg_request_new(mg_conn_t *c) {
   req->listener = c->listener;
   req->content_length = -1;
   req->upstream_time = -1;
-  req->start_ns = uv_hrtime();
-  req->start_wall = mg_http_wall_time();
   memcpy(req->id, w->id_prefix, 16);
   hex16(req->id + 16, ++w->requests);
   req->id[32] = '\0';
@@ -259,8 +257,11 @@ void mg_request_log(mg_request_t *req) {
   memset(&e, 0, sizeof e);
   mg_conn_t *c = req->conn;
   e.time = req->start_wall;
-  e.client = c->client;
-  e.client_len = c->client_len;
+  char client[64];
+  int n = snprintf(client, sizeof client, strchr(c->client_ip, ':') ? "[%s]:%u" : "%s:%u",
+                   c->client_ip, c->client_port);
+  e.client = client;
+  e.client_len = n > 0 ? (size_t)n : 0;
   if (req->headers) {
     e.method = req->method_name;
     e.method_len = req->method_len;

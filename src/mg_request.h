@@ -47,6 +47,15 @@ struct mg_request {
   mg_worker_t *w;
   mg_phase_t phase;
 
+  /* ---- parser state (the parser lives here, not in the connection, so an idle keep-alive
+   * connection holds no parser) */
+  llhttp_t parser;
+  uint64_t header_deadline;       /* loop ms when the head must be complete */
+  const char *parse_base;         /* start of the bytes given to the parser now */
+  uint32_t cur_name, cur_name_len, cur_value, cur_value_len;
+  int in_value;
+  char last_byte;                 /* last byte of the previous read (obs-fold detection) */
+
   /* ---- the parsed head (all strings point into head, valid for the request's life) */
   mg_buf_t head;                  /* target, header names and values, normalised path */
   mg_buf_t offs;                  /* mg_header_off_t while parsing */
@@ -102,21 +111,20 @@ struct mg_request {
 
 enum { MG_CONN_IDLE = 0, MG_CONN_HEAD, MG_CONN_BUSY, MG_CONN_CLOSING };
 
+/* A client connection. Kept small: an idle keep-alive connection costs this struct and its
+ * socket, nothing else (the parser and every buffer belong to the request). */
 struct mg_conn {
   uv_tcp_t tcp;
   uv_timer_t timer;               /* header deadline, body idle, keep-alive idle, send stall */
-  uv_shutdown_t shutdown_req;
   mg_worker_t *w;
   mg_listener_t *listener;
   mg_conn_t *next, *prev;         /* the worker's list of connections */
-  llhttp_t parser;
   mg_buf_t pending;               /* received bytes not parsed yet (pipelining, paused body) */
   mg_request_t *req;              /* the request being received or served, or NULL */
   int state;
   int handles;                    /* open uv handles; the conn is freed when both closed */
   int nrequests;
   size_t write_queued;            /* bytes handed to uv_write and not yet written */
-  uint64_t header_deadline;       /* loop ms when the current head must be complete */
   unsigned reading : 1;
   unsigned eof : 1;               /* the client half-closed */
   unsigned close_after : 1;       /* close once the current response is written */
@@ -126,14 +134,9 @@ struct mg_conn {
   unsigned body_paused : 1;       /* the handler asked to stop reading the body */
   unsigned finishing : 1;         /* the handler is done; waiting for the writes to drain */
   unsigned in_process : 1;        /* conn_process is running (no re-entry) */
-  const char *parse_base;         /* start of the bytes given to the parser now */
-  char last_byte;                 /* last byte of the previous read (obs-fold detection) */
   mg_http_error_t error;          /* set by a parser callback to fail the request */
-  uint32_t cur_name, cur_name_len, cur_value, cur_value_len;
-  int in_value;
-  char client[64];                /* "ip:port" */
-  size_t client_len;
-  char client_ip[48];
+  uint16_t client_port;
+  char client_ip[46];             /* the peer address, as text */
 };
 
 /* ---- mg_server.c: sockets */

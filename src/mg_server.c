@@ -43,7 +43,7 @@ static void on_timer(uv_timer_t *t) {
       break;
     case MG_CONN_BUSY:
       if (c->write_queued) {                 /* the client stopped reading our response */
-        mg_log_info("client %s: send timeout, closing", c->client);
+        mg_log_info("client %s:%u: send timeout, closing", c->client_ip, c->client_port);
         mg_conn_abort(c);
       } else if (c->req && c->req->body_reading && !c->req->body_done && !c->body_paused) {
         conn_fail(c, MG_HTTP_E_REQUEST_TIMEOUT); /* body idle timeout */
@@ -64,7 +64,8 @@ static void conn_arm_timer(mg_conn_t *c) {
       break;
     case MG_CONN_HEAD: {
       uint64_t now = mg_worker_now(c->w);
-      timeout = c->header_deadline > now ? c->header_deadline - now : 1;
+      uint64_t deadline = c->req ? c->req->header_deadline : now;
+      timeout = deadline > now ? deadline - now : 1;
       break;
     }
     case MG_CONN_BUSY:
@@ -96,7 +97,10 @@ static void on_handle_closed(uv_handle_t *h) {
 static void conn_close(mg_conn_t *c) {
   if (c->state == MG_CONN_CLOSING && c->handles < 2) return;
   if (uv_is_closing((uv_handle_t *)&c->tcp)) return;
-  if (c->req) {                              /* a request still attached: it ends here */
+  if (c->req && c->state == MG_CONN_IDLE) {  /* a parser waiting for a first byte */
+    mg_request_free(c->req);
+    c->req = NULL;
+  } else if (c->req) {                       /* a request still attached: it ends here */
     mg_request_t *req = c->req;
     if (!req->done) {
       req->aborted = 1;
@@ -137,7 +141,9 @@ static void on_linger_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
 }
 
 static void on_shutdown(uv_shutdown_t *r, int status) {
-  mg_conn_t *c = container_of(r, mg_conn_t, shutdown_req);
+  mg_conn_t *c = container_of(r->handle, mg_conn_t, tcp);
+  free(r);
+  if (status == UV_ECANCELED) return;        /* closed meanwhile */
   if (status < 0 || c->eof) { conn_close(c); return; }
   uv_read_start((uv_stream_t *)&c->tcp, mg_worker_alloc_cb, on_linger_read);
   uv_timer_start(&c->timer, on_timer, 2000, 0);
@@ -149,7 +155,11 @@ static void conn_close_gracefully(mg_conn_t *c) {
   c->state = MG_CONN_CLOSING;
   uv_read_stop((uv_stream_t *)&c->tcp);
   uv_timer_stop(&c->timer);
-  if (uv_shutdown(&c->shutdown_req, (uv_stream_t *)&c->tcp, on_shutdown) != 0) conn_close(c);
+  uv_shutdown_t *r = malloc(sizeof *r);
+  if (!r || uv_shutdown(r, (uv_stream_t *)&c->tcp, on_shutdown) != 0) {
+    free(r);
+    conn_close(c);
+  }
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -286,11 +296,13 @@ void mg_conn_pause_body(mg_conn_t *c) {
 static void conn_fail(mg_conn_t *c, mg_http_error_t err) {
   if (c->state == MG_CONN_CLOSING) return;
   c->close_after = 1;
-  if (!c->req) {
+  if (!c->req || c->state == MG_CONN_IDLE) {
     /* Nothing seen of a request yet (e.g. a timeout before the first byte): just close. */
-    if (err == MG_HTTP_E_REQUEST_TIMEOUT) { conn_close(c); return; }
-    c->req = mg_request_new(c);
-    if (!c->req) { conn_close(c); return; }
+    if (err == MG_HTTP_E_REQUEST_TIMEOUT || !c->req) { conn_close(c); return; }
+  }
+  if (!c->req->start_ns) {
+    c->req->start_ns = uv_hrtime();
+    c->req->start_wall = mg_http_wall_time();
   }
   c->state = MG_CONN_BUSY;
   mg_request_error(c->req, err);
@@ -309,12 +321,11 @@ static int fail_cb(mg_conn_t *c, mg_http_error_t err) {
 
 static int on_message_begin(llhttp_t *p) {
   mg_conn_t *c = CONN(p);
-  c->req = mg_request_new(c);
-  if (!c->req) return fail_cb(c, MG_HTTP_E_INTERNAL);
+  mg_request_t *req = c->req;
   c->state = MG_CONN_HEAD;
-  c->header_deadline = mg_worker_now(c->w) + ms(c->w->cfg->limits.header_timeout);
-  c->in_value = 0;
-  c->cur_name_len = c->cur_value_len = 0;
+  req->start_ns = uv_hrtime();
+  req->start_wall = mg_http_wall_time();
+  req->header_deadline = mg_worker_now(c->w) + ms(c->w->cfg->limits.header_timeout);
   conn_arm_timer(c);
   return 0;
 }
@@ -343,13 +354,13 @@ static int count_header_bytes(mg_conn_t *c, size_t len) {
 static int store_header(mg_conn_t *c) {
   mg_request_t *req = c->req;
   if (req->body_reading || req->has_body) return 0;       /* trailers are dropped */
-  if (c->cur_name_len == 0) return fail_cb(c, MG_HTTP_E_BAD_REQUEST); /* ": value" */
+  if (c->req->cur_name_len == 0) return fail_cb(c, MG_HTTP_E_BAD_REQUEST); /* ": value" */
   size_t n = req->offs.len / sizeof(mg_header_off_t);
   if (n + 1 > c->w->cfg->limits.header_count) return fail_cb(c, MG_HTTP_E_HEADERS_TOO_LARGE);
-  mg_header_off_t o = {c->cur_name, c->cur_name_len, c->cur_value, c->cur_value_len};
+  mg_header_off_t o = {c->req->cur_name, c->req->cur_name_len, c->req->cur_value, c->req->cur_value_len};
   if (mg_buf_append(&req->offs, &o, sizeof o) != 0) return fail_cb(c, MG_HTTP_E_INTERNAL);
-  c->cur_name_len = c->cur_value_len = 0;
-  c->in_value = 0;
+  c->req->cur_name_len = c->req->cur_value_len = 0;
+  c->req->in_value = 0;
   return 0;
 }
 
@@ -357,20 +368,20 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len) {
   mg_conn_t *c = CONN(p);
   mg_request_t *req = c->req;
   if (count_header_bytes(c, len) != 0) return fail_cb(c, MG_HTTP_E_HEADERS_TOO_LARGE);
-  if (c->in_value && store_header(c) != 0) return -1;
-  if (c->cur_name_len == 0) c->cur_name = (uint32_t)req->head.len;
-  c->cur_name_len += (uint32_t)len;
-  c->cur_value = (uint32_t)req->head.len + (uint32_t)len;
-  c->cur_value_len = 0;
+  if (c->req->in_value && store_header(c) != 0) return -1;
+  if (c->req->cur_name_len == 0) c->req->cur_name = (uint32_t)req->head.len;
+  c->req->cur_name_len += (uint32_t)len;
+  c->req->cur_value = (uint32_t)req->head.len + (uint32_t)len;
+  c->req->cur_value_len = 0;
   return mg_buf_append(&req->head, at, len) == 0 ? 0 : fail_cb(c, MG_HTTP_E_INTERNAL);
 }
 
 static int on_header_field_complete(llhttp_t *p) {
   mg_conn_t *c = CONN(p);
-  if (c->cur_name_len == 0) return fail_cb(c, MG_HTTP_E_BAD_REQUEST);
-  c->in_value = 1;
-  c->cur_value = (uint32_t)c->req->head.len;
-  c->cur_value_len = 0;
+  if (c->req->cur_name_len == 0) return fail_cb(c, MG_HTTP_E_BAD_REQUEST);
+  c->req->in_value = 1;
+  c->req->cur_value = (uint32_t)c->req->head.len;
+  c->req->cur_value_len = 0;
   return 0;
 }
 
@@ -380,19 +391,19 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   /* llhttp strips the whitespace before a value, so a value piece that starts right after a
    * line feed can only be an obs-fold continuation line (RFC 9112 §5.2): reject it. The
    * piece may start the read buffer; then the previous read's last byte tells. */
-  char before = at == c->parse_base ? c->last_byte : at[-1];
+  char before = at == c->req->parse_base ? c->req->last_byte : at[-1];
   if (before == '\n') return fail_cb(c, MG_HTTP_E_BAD_REQUEST);
   if (count_header_bytes(c, len) != 0) return fail_cb(c, MG_HTTP_E_HEADERS_TOO_LARGE);
-  c->in_value = 1;
-  c->cur_value_len += (uint32_t)len;
+  c->req->in_value = 1;
+  c->req->cur_value_len += (uint32_t)len;
   return mg_buf_append(&req->head, at, len) == 0 ? 0 : fail_cb(c, MG_HTTP_E_INTERNAL);
 }
 
 static int on_header_value_complete(llhttp_t *p) {
   mg_conn_t *c = CONN(p);
   if (c->req->body_reading || c->req->has_body) {   /* a trailer field: counted, dropped */
-    c->cur_name_len = c->cur_value_len = 0;
-    c->in_value = 0;
+    c->req->cur_name_len = c->req->cur_value_len = 0;
+    c->req->in_value = 0;
     return 0;
   }
   return store_header(c);
@@ -411,7 +422,7 @@ static mg_http_error_t check_head(mg_conn_t *c, llhttp_t *p);
 
 static int on_headers_complete(llhttp_t *p) {
   mg_conn_t *c = CONN(p);
-  if (c->in_value && store_header(c) != 0) return -1;
+  if (c->req->in_value && store_header(c) != 0) return -1;
   mg_http_error_t err = check_head(c, p);
   if (err) return fail_cb(c, err);
   mg_request_t *req = c->req;
@@ -640,15 +651,21 @@ static int conn_may_parse(const mg_conn_t *c) {
 /* Runs the parser over DATA; returns the bytes consumed (less than LEN when it paused), or
  * (size_t)-1 when the connection failed. */
 static size_t conn_parse(mg_conn_t *c, const char *data, size_t len) {
+  if (!c->req) {                             /* bytes of a new request: it starts here */
+    c->req = mg_request_new(c);
+    if (!c->req) { conn_close(c); return (size_t)-1; }
+    llhttp_init(&c->req->parser, HTTP_REQUEST, &parser_settings);
+    c->req->parser.data = c;
+  }
   c->error = MG_HTTP_OK;
-  c->parse_base = data;
+  c->req->parse_base = data;
   c->in_execute = 1;
-  enum llhttp_errno e = llhttp_execute(&c->parser, data, len);
+  enum llhttp_errno e = llhttp_execute(&c->req->parser, data, len);
   c->in_execute = 0;
   size_t used = len;
   if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE) {
-    used = (size_t)(llhttp_get_error_pos(&c->parser) - data);
-    if (e == HPE_PAUSED) llhttp_resume(&c->parser);
+    used = (size_t)(llhttp_get_error_pos(&c->req->parser) - data);
+    if (e == HPE_PAUSED) llhttp_resume(&c->req->parser);
     else c->close_after = 1;                 /* no tunnelling: answer, then close */
   } else if (e != HPE_OK) {
     mg_http_error_t err = c->error;
@@ -656,7 +673,7 @@ static size_t conn_parse(mg_conn_t *c, const char *data, size_t len) {
       switch (e) {
         case HPE_INVALID_VERSION: {
           /* A well-formed version we do not speak is 505; a malformed line is 400. */
-          const char *why = llhttp_get_error_reason(&c->parser);
+          const char *why = llhttp_get_error_reason(&c->req->parser);
           err = why && strstr(why, "Invalid") ? MG_HTTP_E_VERSION_NOT_SUPPORTED
                                               : MG_HTTP_E_BAD_REQUEST;
           break;
@@ -670,7 +687,7 @@ static size_t conn_parse(mg_conn_t *c, const char *data, size_t len) {
     conn_fail(c, err);
     return (size_t)-1;
   }
-  if (used) c->last_byte = data[used - 1];
+  if (used) c->req->last_byte = data[used - 1];
   if (c->req) {
     c->req->bytes_in += used;
     if (c->state == MG_CONN_BUSY && c->req->body_reading) conn_arm_timer(c); /* idle, per read */
@@ -790,15 +807,13 @@ void mg_server_on_connection(uv_stream_t *server, int status) {
   struct sockaddr_storage ss;
   int sl = sizeof ss;
   if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &sl) == 0) {
-    int port = 0;
     if (ss.ss_family == AF_INET) {
       uv_ip4_name((struct sockaddr_in *)&ss, c->client_ip, sizeof c->client_ip);
-      port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+      c->client_port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
     } else if (ss.ss_family == AF_INET6) {
       uv_ip6_name((struct sockaddr_in6 *)&ss, c->client_ip, sizeof c->client_ip);
-      port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+      c->client_port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
     }
-    c->client_len = (size_t)snprintf(c->client, sizeof c->client, "%s:%d", c->client_ip, port);
   }
   if (w->stopping || w->nconns > (size_t)w->cfg->limits.max_connections) {
     /* Over the cap: a clear answer beats a silent hang in the backlog. */
@@ -810,13 +825,11 @@ void mg_server_on_connection(uv_stream_t *server, int status) {
                      sizeof body - 1, body);
     uv_buf_t b = uv_buf_init(busy, (unsigned)n);
     uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
-    mg_log_warn("max_connections (%d) reached: refusing %s", w->cfg->limits.max_connections,
-                c->client);
+    mg_log_warn("max_connections (%d) reached: refusing %s:%u", w->cfg->limits.max_connections,
+                c->client_ip, c->client_port);
     conn_close_gracefully(c);
     return;
   }
-  llhttp_init(&c->parser, HTTP_REQUEST, &parser_settings);
-  c->parser.data = c;
   c->state = MG_CONN_IDLE;
   c->reading = 1;
   conn_arm_timer(c);
