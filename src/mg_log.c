@@ -521,6 +521,8 @@ static void put_target(const char *t, size_t n) {
   }
 }
 
+int mg_access_log_enabled(void) { return acc.fd >= 0; }
+
 void mg_access_log_write(const mg_access_entry_t *e) {
   if (acc.fd < 0) return;
   size_t start = acc.len;

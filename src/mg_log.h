@@ -62,6 +62,9 @@ int mg_access_log_open(uv_loop_t *loop, const char *path, char **redact, size_t 
  * log line). No-op when the access log is off. */
 void mg_access_log_write(const mg_access_entry_t *e);
 
+/* True when the access log is open (lets callers skip building an entry). */
+int mg_access_log_enabled(void);
+
 /* Writes out whatever is buffered (called at exit). */
 void mg_access_log_flush(void);
 

@@ -562,15 +562,12 @@ static int r_on_header_value_complete(llhttp_t *parser) {
   return r_store_header(PROXY(parser)) == 0 ? 0 : -1;
 }
 
-static int response_named_in_connection(const mg_header_t *hs, size_t n, const char *name,
-                                        size_t len) {
-  for (size_t i = 0; i < n; i++) {
-    if (!mg_http_ieq(hs[i].name, hs[i].name_len, "connection")) continue;
-    const char *s = hs[i].value, *item;
-    size_t sl = hs[i].value_len, il;
-    while (mg_http_list_next(&s, &sl, &item, &il))
-      if (il == len && strncasecmp(item, name, len) == 0) return 1;
-  }
+/* True when NAME is listed in the Connection header value CONN (CONN_LEN bytes). */
+static int listed_in(const char *conn, size_t conn_len, const char *name, size_t len) {
+  const char *item;
+  size_t il;
+  while (mg_http_list_next(&conn, &conn_len, &item, &il))
+    if (il == len && strncasecmp(item, name, len) == 0) return 1;
   return 0;
 }
 
@@ -613,14 +610,27 @@ static int r_on_headers_complete(llhttp_t *parser) {
     else c->close_after = 1;
   }
 
+  /* Connection headers name more fields to drop; most responses have none, so the list is
+   * only walked when one exists. */
+  int has_connection = 0;
+  for (size_t i = 0; i < n && !has_connection; i++)
+    has_connection = hs[i].name_len == 10 && mg_http_ieq(hs[i].name, 10, "connection");
+
   mg_buf_t *b = &p->out;
   append_status_line(b, status);
   for (size_t i = 0; i < n; i++) {
     const char *nm = hs[i].name;
     size_t nl = hs[i].name_len;
-    if (mg_http_is_hop_by_hop(nm, nl) || mg_http_ieq(nm, nl, "x-request-id")) continue;
-    if (mg_http_ieq(nm, nl, "content-length") && (status == 204 || !has_cl)) continue;
-    if (response_named_in_connection(hs, n, nm, nl)) continue;
+    if (mg_http_is_hop_by_hop(nm, nl)) continue;
+    if (nl == 12 && mg_http_ieq(nm, nl, "x-request-id")) continue;
+    if (nl == 14 && mg_http_ieq(nm, nl, "content-length") && (status == 204 || !has_cl)) continue;
+    if (has_connection) {
+      int named = 0;
+      for (size_t j = 0; j < n && !named; j++)
+        named = hs[j].name_len == 10 && mg_http_ieq(hs[j].name, 10, "connection") &&
+                listed_in(hs[j].value, hs[j].value_len, nm, nl);
+      if (named) continue;
+    }
     mg_buf_append(b, nm, nl);
     mg_buf_append(b, ": ", 2);
     mg_buf_append(b, hs[i].value, hs[i].value_len);

@@ -253,6 +253,10 @@ void mg_request_start(mg_request_t *req) {
 
 void mg_request_log(mg_request_t *req) {
   req->phase = MG_PHASE_LOG;                 /* `log` hooks run here (Lua issue) */
+  if (!mg_access_log_enabled()) {
+    req->phase = MG_PHASE_DONE;
+    return;
+  }
   mg_access_entry_t e;
   memset(&e, 0, sizeof e);
   mg_conn_t *c = req->conn;
