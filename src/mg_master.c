@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -221,6 +222,21 @@ static int write_pid_file(const char *path) {
   return w == n ? 0 : -EIO;
 }
 
+/* Each client connection costs a descriptor, and a proxied one a second for the upstream:
+ * raise the soft limit to what max_connections needs (up to the hard limit). */
+static void raise_fd_limit(const mg_config_t *cfg) {
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  rlim_t want = (rlim_t)cfg->limits.max_connections * 2 + 1024;
+  if (rl.rlim_cur >= want) return;
+  rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > want ? want : rl.rlim_max;
+  if (setrlimit(RLIMIT_NOFILE, &rl) != 0) getrlimit(RLIMIT_NOFILE, &rl);
+  if (rl.rlim_cur < (rlim_t)cfg->limits.max_connections + 64)
+    mg_log_warn("open-file limit %llu is below the %llu that max_connections = %d needs",
+                (unsigned long long)rl.rlim_cur, (unsigned long long)want,
+                cfg->limits.max_connections);
+}
+
 int mg_master_run(mg_config_t *cfg, int nworkers) {
   master_t m;
   memset(&m, 0, sizeof m);
@@ -238,6 +254,7 @@ int mg_master_run(mg_config_t *cfg, int nworkers) {
     for (size_t i = 0; i < cfg->nlistens; i++) m.slots[s].fds[i] = -1;
   }
   int rc = 1;
+  raise_fd_limit(cfg);
   if (open_listeners(&m) != 0) goto out;
   if (cfg->pid_file && (rc = write_pid_file(cfg->pid_file)) != 0) {
     fprintf(stderr, "moongate: cannot write pid file %s: %s\n", cfg->pid_file, strerror(-rc));

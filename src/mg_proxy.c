@@ -610,6 +610,16 @@ static int r_on_headers_complete(llhttp_t *parser) {
     else c->close_after = 1;
   }
 
+  /* The only transfer coding this gateway can undo is chunked: a response with another one
+   * (gzip, ...) would reach the client encoded without saying so. */
+  for (size_t i = 0; i < n; i++) {
+    if (hs[i].name_len != 17 || !mg_http_ieq(hs[i].name, 17, "transfer-encoding")) continue;
+    const char *v = hs[i].value, *item;
+    size_t vl = hs[i].value_len, il;
+    while (mg_http_list_next(&v, &vl, &item, &il))
+      if (!mg_http_ieq(item, il, "chunked")) return -1;
+  }
+
   /* Connection headers name more fields to drop; most responses have none, so the list is
    * only walked when one exists. */
   int has_connection = 0;
