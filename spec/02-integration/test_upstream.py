@@ -219,6 +219,11 @@ BAD_RESPONSES = {
         b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n b\r\nContent-Length: 2\r\n\r\nok",
     "invalid-status-line":
         b"HTTP/1.1 abc OK\r\nContent-Length: 2\r\n\r\nok",
+    # A coding the gateway cannot undo would reach the client encoded without saying so.
+    "gzip-transfer-coding":
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "switching-protocols-never-asked-for":
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
 }
 
 
