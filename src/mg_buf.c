@@ -27,7 +27,7 @@ int mg_buf_reserve(mg_buf_t *b, size_t n) {
   return 0;
 }
 
-int mg_buf_append(mg_buf_t *b, const void *p, size_t n) {
+int mg_buf_append_grow(mg_buf_t *b, const void *p, size_t n) {
   if (n == 0) return 0;
   if (mg_buf_reserve(b, n) != 0) return -1;
   memcpy(b->data + b->len, p, n);

@@ -4,6 +4,7 @@
 #define MG_BUF_H
 
 #include <stddef.h>
+#include <string.h>
 
 typedef struct mg_buf {
   char *data;
@@ -20,8 +21,19 @@ void mg_buf_dispose(mg_buf_t *b);
 /* Makes room for N more bytes; returns 0, or -1 when out of memory (the buffer is unchanged). */
 int mg_buf_reserve(mg_buf_t *b, size_t n);
 
-/* Appends N bytes; returns 0 or -1 (out of memory). */
-int mg_buf_append(mg_buf_t *b, const void *p, size_t n);
+/* Appends N bytes when they do not fit yet (the slow path of mg_buf_append). */
+int mg_buf_append_grow(mg_buf_t *b, const void *p, size_t n);
+
+/* Appends N bytes; returns 0 or -1 (out of memory). Inline: the HTTP engine appends a few
+ * dozen short pieces per request, and the common case is a memcpy into spare room. */
+static inline int mg_buf_append(mg_buf_t *b, const void *p, size_t n) {
+  if (b->cap - b->len >= n && n) {
+    memcpy(b->data + b->len, p, n);
+    b->len += n;
+    return 0;
+  }
+  return mg_buf_append_grow(b, p, n);
+}
 
 /* Appends a NUL-terminated string. */
 int mg_buf_puts(mg_buf_t *b, const char *s);

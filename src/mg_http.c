@@ -76,6 +76,17 @@ int mg_http_ieq(const char *a, size_t alen, const char *b) {
   return b[i] == '\0';
 }
 
+/* Case-insensitive equality of two byte strings of length N. */
+int mg_http_ieq_ci(const char *a, const char *b, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    unsigned char x = (unsigned char)a[i], y = (unsigned char)b[i];
+    if (x >= 'A' && x <= 'Z') x = (unsigned char)(x + 32);
+    if (y >= 'A' && y <= 'Z') y = (unsigned char)(y + 32);
+    if (x != y) return 0;
+  }
+  return 1;
+}
+
 int mg_http_is_hop_by_hop(const char *name, size_t len) {
   switch (len) {
     case 2: return mg_http_ieq(name, len, "te");
@@ -85,6 +96,55 @@ int mg_http_is_hop_by_hop(const char *name, size_t len) {
     case 17: return mg_http_ieq(name, len, "transfer-encoding");
     default: return 0;
   }
+}
+
+mg_header_id_t mg_http_header_id(const char *n, size_t len) {
+  switch (len) {
+    case 2: return mg_http_ieq(n, len, "te") ? MG_HDR_TE : MG_HDR_OTHER;
+    case 4: return mg_http_ieq(n, len, "host") ? MG_HDR_HOST : MG_HDR_OTHER;
+    case 6:
+      if (mg_http_ieq(n, len, "expect")) return MG_HDR_EXPECT;
+      return mg_http_ieq(n, len, "cookie") ? MG_HDR_COOKIE : MG_HDR_OTHER;
+    case 7:
+      if (mg_http_ieq(n, len, "trailer")) return MG_HDR_TRAILER;
+      return mg_http_ieq(n, len, "upgrade") ? MG_HDR_UPGRADE : MG_HDR_OTHER;
+    case 10:
+      if (mg_http_ieq(n, len, "connection")) return MG_HDR_CONNECTION;
+      if (mg_http_ieq(n, len, "keep-alive")) return MG_HDR_KEEP_ALIVE;
+      return mg_http_ieq(n, len, "user-agent") ? MG_HDR_USER_AGENT : MG_HDR_OTHER;
+    case 12: return mg_http_ieq(n, len, "x-request-id") ? MG_HDR_X_REQUEST_ID : MG_HDR_OTHER;
+    case 13: return mg_http_ieq(n, len, "authorization") ? MG_HDR_AUTHORIZATION : MG_HDR_OTHER;
+    case 14: return mg_http_ieq(n, len, "content-length") ? MG_HDR_CONTENT_LENGTH : MG_HDR_OTHER;
+    case 15: return mg_http_ieq(n, len, "x-forwarded-for") ? MG_HDR_X_FORWARDED_FOR : MG_HDR_OTHER;
+    case 16:
+      if (mg_http_ieq(n, len, "proxy-connection")) return MG_HDR_PROXY_CONNECTION;
+      return mg_http_ieq(n, len, "x-forwarded-host") ? MG_HDR_X_FORWARDED_HOST : MG_HDR_OTHER;
+    case 17:
+      if (mg_http_ieq(n, len, "transfer-encoding")) return MG_HDR_TRANSFER_ENCODING;
+      return mg_http_ieq(n, len, "x-forwarded-proto") ? MG_HDR_X_FORWARDED_PROTO : MG_HDR_OTHER;
+    case 19:
+      return mg_http_ieq(n, len, "proxy-authorization") ? MG_HDR_PROXY_AUTHORIZATION
+                                                         : MG_HDR_OTHER;
+    default: return MG_HDR_OTHER;
+  }
+}
+
+int mg_http_connection_names_fields(const char *v, size_t len) {
+  const char *item;
+  size_t il;
+  while (mg_http_list_next(&v, &len, &item, &il))
+    if (!mg_http_ieq(item, il, "close") && !mg_http_ieq(item, il, "keep-alive") &&
+        !mg_http_ieq(item, il, "upgrade"))
+      return 1;
+  return 0;
+}
+
+int mg_http_connection_lists(const char *v, size_t len, const char *name, size_t name_len) {
+  const char *item;
+  size_t il;
+  while (mg_http_list_next(&v, &len, &item, &il))
+    if (il == name_len && mg_http_ieq_ci(item, name, il)) return 1;
+  return 0;
 }
 
 int mg_http_is_token(const char *s, size_t len) {

@@ -42,12 +42,42 @@ const char *mg_http_error_message(mg_http_error_t e);
 /* Standard reason phrase for STATUS ("OK"), or "Unknown". */
 const char *mg_http_reason(int status);
 
+/* Header names the engine treats specially, recognised once per header (mg_http_header_id)
+ * so that the per-header checks on the hot path are integer compares. The hop-by-hop ones
+ * form one range. */
+typedef enum {
+  MG_HDR_OTHER = 0,
+  MG_HDR_CONNECTION, MG_HDR_KEEP_ALIVE, MG_HDR_PROXY_CONNECTION, MG_HDR_TE, MG_HDR_TRAILER,
+  MG_HDR_TRANSFER_ENCODING, MG_HDR_UPGRADE,          /* hop-by-hop: never forwarded */
+  MG_HDR_HOST, MG_HDR_CONTENT_LENGTH, MG_HDR_EXPECT, MG_HDR_X_FORWARDED_FOR,
+  MG_HDR_X_FORWARDED_PROTO, MG_HDR_X_FORWARDED_HOST, MG_HDR_X_REQUEST_ID, MG_HDR_USER_AGENT,
+  MG_HDR_AUTHORIZATION, MG_HDR_PROXY_AUTHORIZATION, MG_HDR_COOKIE
+} mg_header_id_t;
+
+/* Recognises NAME (LEN bytes, any case); MG_HDR_OTHER for every other name. */
+mg_header_id_t mg_http_header_id(const char *name, size_t len);
+
+/* True for the hop-by-hop ids (Connection .. Upgrade). */
+static inline int mg_http_id_is_hop_by_hop(int id) {
+  return id >= MG_HDR_CONNECTION && id <= MG_HDR_UPGRADE;
+}
+
+/* True when the Connection value V (LEN bytes) names a field other than close, keep-alive
+ * and upgrade, i.e. when header fields must be checked against it. */
+int mg_http_connection_names_fields(const char *v, size_t len);
+
+/* True when NAME is one of the fields listed in the Connection value V (LEN bytes). */
+int mg_http_connection_lists(const char *v, size_t len, const char *name, size_t name_len);
+
 /* True when NAME (LEN bytes, any case) is a hop-by-hop header that never crosses the proxy:
  * Connection, Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade. */
 int mg_http_is_hop_by_hop(const char *name, size_t len);
 
 /* Case-insensitive equality of A (ALEN bytes) and the NUL-terminated lower-case B. */
 int mg_http_ieq(const char *a, size_t alen, const char *b);
+
+/* Case-insensitive equality of A and B, both N bytes. */
+int mg_http_ieq_ci(const char *a, const char *b, size_t n);
 
 /* True when S (LEN bytes) is a non-empty RFC 9110 token. */
 int mg_http_is_token(const char *s, size_t len);

@@ -246,15 +246,11 @@ static void proxy_arm_timer(mg_proxy_t *p) {
  * ---------------------------------------------------------------------------------------- */
 
 /* True when NAME is listed in one of the request's Connection headers. */
-static int named_in_connection(const mg_request_t *req, const char *name, size_t len) {
-  for (size_t i = 0; i < req->nheaders; i++) {
-    const mg_header_t *h = &req->headers[i];
-    if (!mg_http_ieq(h->name, h->name_len, "connection")) continue;
-    const char *s = h->value, *item;
-    size_t n = h->value_len, item_len;
-    while (mg_http_list_next(&s, &n, &item, &item_len))
-      if (item_len == len && strncasecmp(item, name, len) == 0) return 1;
-  }
+static int named_in_connection(const mg_header_t *hs, size_t n, const char *name, size_t len) {
+  for (size_t i = 0; i < n; i++)
+    if (hs[i].id == MG_HDR_CONNECTION &&
+        mg_http_connection_lists(hs[i].value, hs[i].value_len, name, len))
+      return 1;
   return 0;
 }
 
@@ -320,18 +316,19 @@ static void build_request_head(mg_proxy_t *p, mg_buf_t *b) {
     mg_buf_append(b, req->host_header, req->host_header_len);
   else mg_buf_puts(b, p->target->name);
   mg_buf_append(b, "\r\n", 2);
-  int has_connection = mg_request_header(req, "connection") != NULL;
+  int conn_names = req->connection_names;
   for (size_t i = 0; i < req->nheaders; i++) {
     const mg_header_t *h = &req->headers[i];
     const char *n = h->name;
     size_t nl = h->name_len;
-    if (mg_http_is_hop_by_hop(n, nl)) continue;
-    if (has_connection && named_in_connection(req, n, nl)) continue;
-    if (mg_http_ieq(n, nl, "x-forwarded-for")) continue;   /* merged below */
-    if (mg_http_ieq(n, nl, "host") || mg_http_ieq(n, nl, "content-length") ||
-        mg_http_ieq(n, nl, "expect") || mg_http_ieq(n, nl, "x-forwarded-proto") ||
-        mg_http_ieq(n, nl, "x-forwarded-host") || mg_http_ieq(n, nl, "x-request-id"))
-      continue;
+    switch (h->id) {
+      case MG_HDR_OTHER: case MG_HDR_USER_AGENT: case MG_HDR_AUTHORIZATION:
+      case MG_HDR_PROXY_AUTHORIZATION: case MG_HDR_COOKIE:
+        break;
+      default:
+        continue;   /* hop-by-hop, or set by the gateway itself below (XFF is merged) */
+    }
+    if (conn_names && named_in_connection(req->headers, req->nheaders, n, nl)) continue;
     mg_buf_append(b, n, nl);
     mg_buf_append(b, ": ", 2);
     mg_buf_append(b, h->value, h->value_len);
@@ -342,8 +339,9 @@ static void build_request_head(mg_proxy_t *p, mg_buf_t *b) {
   mg_buf_append(b, "X-Forwarded-For: ", 17);
   for (size_t i = 0; i < req->nheaders; i++) {
     const mg_header_t *h = &req->headers[i];
-    if (!mg_http_ieq(h->name, h->name_len, "x-forwarded-for") || h->value_len == 0) continue;
-    if (has_connection && named_in_connection(req, h->name, h->name_len)) break;
+    if (h->id != MG_HDR_X_FORWARDED_FOR || h->value_len == 0) continue;
+    if (conn_names && named_in_connection(req->headers, req->nheaders, h->name, h->name_len))
+      break;
     mg_buf_append(b, h->value, h->value_len);
     mg_buf_append(b, ", ", 2);
   }
@@ -562,15 +560,6 @@ static int r_on_header_value_complete(llhttp_t *parser) {
   return r_store_header(PROXY(parser)) == 0 ? 0 : -1;
 }
 
-/* True when NAME is listed in the Connection header value CONN (CONN_LEN bytes). */
-static int listed_in(const char *conn, size_t conn_len, const char *name, size_t len) {
-  const char *item;
-  size_t il;
-  while (mg_http_list_next(&conn, &conn_len, &item, &il))
-    if (il == len && strncasecmp(item, name, len) == 0) return 1;
-  return 0;
-}
-
 static int r_on_headers_complete(llhttp_t *parser) {
   mg_proxy_t *p = PROXY(parser);
   mg_request_t *req = p->req;
@@ -600,6 +589,7 @@ static int r_on_headers_complete(llhttp_t *parser) {
     while (hs[i].value_len && (hs[i].value[hs[i].value_len - 1] == ' ' ||
                                hs[i].value[hs[i].value_len - 1] == '\t'))
       hs[i].value_len--;
+    hs[i].id = (int)mg_http_header_id(hs[i].name, hs[i].name_len);
   }
 
   /* How the client gets the body: as framed upstream when the length is known; chunked for
@@ -612,35 +602,28 @@ static int r_on_headers_complete(llhttp_t *parser) {
 
   /* The only transfer coding this gateway can undo is chunked: a response with another one
    * (gzip, ...) would reach the client encoded without saying so. */
+  int conn_names = 0;
   for (size_t i = 0; i < n; i++) {
-    if (hs[i].name_len != 17 || !mg_http_ieq(hs[i].name, 17, "transfer-encoding")) continue;
+    if (hs[i].id == MG_HDR_CONNECTION && !conn_names)
+      conn_names = mg_http_connection_names_fields(hs[i].value, hs[i].value_len);
+    if (hs[i].id != MG_HDR_TRANSFER_ENCODING) continue;
     const char *v = hs[i].value, *item;
     size_t vl = hs[i].value_len, il;
     while (mg_http_list_next(&v, &vl, &item, &il))
       if (!mg_http_ieq(item, il, "chunked")) return -1;
   }
 
-  /* Connection headers name more fields to drop; most responses have none, so the list is
-   * only walked when one exists. */
-  int has_connection = 0;
-  for (size_t i = 0; i < n && !has_connection; i++)
-    has_connection = hs[i].name_len == 10 && mg_http_ieq(hs[i].name, 10, "connection");
 
   mg_buf_t *b = &p->out;
   append_status_line(b, status);
   for (size_t i = 0; i < n; i++) {
     const char *nm = hs[i].name;
     size_t nl = hs[i].name_len;
-    if (mg_http_is_hop_by_hop(nm, nl)) continue;
-    if (nl == 12 && mg_http_ieq(nm, nl, "x-request-id")) continue;
-    if (nl == 14 && mg_http_ieq(nm, nl, "content-length") && (status == 204 || !has_cl)) continue;
-    if (has_connection) {
-      int named = 0;
-      for (size_t j = 0; j < n && !named; j++)
-        named = hs[j].name_len == 10 && mg_http_ieq(hs[j].name, 10, "connection") &&
-                listed_in(hs[j].value, hs[j].value_len, nm, nl);
-      if (named) continue;
-    }
+    int id = hs[i].id;
+    if (mg_http_id_is_hop_by_hop(id) || id == MG_HDR_X_REQUEST_ID) continue;
+    if (id == MG_HDR_CONTENT_LENGTH && (status == 204 || !has_cl)) continue;
+    /* Fields named in Connection (beyond close/keep-alive) are dropped too. */
+    if (conn_names && named_in_connection(hs, n, nm, nl)) continue;
     mg_buf_append(b, nm, nl);
     mg_buf_append(b, ": ", 2);
     mg_buf_append(b, hs[i].value, hs[i].value_len);

@@ -271,11 +271,17 @@ void mg_request_log(mg_request_t *req) {
     e.method_len = req->method_len;
     e.target = req->target;
     e.target_len = req->target_len;
-    const mg_header_t *ua = mg_request_header(req, "user-agent");
-    if (ua) { e.user_agent = ua->value; e.user_agent_len = ua->value_len; }
-    e.authorization_present = mg_request_header(req, "authorization") != NULL ||
-                              mg_request_header(req, "proxy-authorization") != NULL;
-    e.cookie_present = mg_request_header(req, "cookie") != NULL;
+    for (size_t i = 0; i < req->nheaders; i++) {
+      const mg_header_t *h = &req->headers[i];
+      if (h->id == MG_HDR_USER_AGENT && !e.user_agent) {
+        e.user_agent = h->value;
+        e.user_agent_len = h->value_len;
+      } else if (h->id == MG_HDR_AUTHORIZATION || h->id == MG_HDR_PROXY_AUTHORIZATION) {
+        e.authorization_present = 1;
+      } else if (h->id == MG_HDR_COOKIE) {
+        e.cookie_present = 1;
+      }
+    }
   } else if (req->url_bytes && req->head.len >= req->url_bytes) {
     e.target = req->head.data;
     e.target_len = req->url_bytes;

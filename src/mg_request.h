@@ -37,6 +37,7 @@ typedef enum {
 typedef struct mg_header {
   const char *name; size_t name_len;
   const char *value; size_t value_len;
+  int id;                         /* mg_header_id_t: which special header this is */
 } mg_header_t;
 
 /* Byte offsets of one header inside req->head while the head is still being received. */
@@ -82,6 +83,7 @@ struct mg_request {
   unsigned done : 1;              /* the handler finished the response */
   unsigned aborted : 1;
   unsigned version_seen : 1;
+  unsigned connection_names : 1;  /* a Connection header names fields to drop upstream */
   uint32_t hosts_seen;
   size_t url_bytes, header_bytes, chunk_ext_bytes;
   uint64_t body_received;

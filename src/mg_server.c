@@ -543,29 +543,41 @@ static mg_http_error_t check_head(mg_conn_t *c, llhttp_t *p) {
     h->value_len = o[i].value_len;
     while (h->value_len && (h->value[h->value_len - 1] == ' ' || h->value[h->value_len - 1] == '\t'))
       h->value_len--;
-    if (mg_http_ieq(h->name, h->name_len, "host")) {
-      if (++req->hosts_seen > 1) return MG_HTTP_E_BAD_REQUEST;
-      host_hdr = h;
-    } else if (mg_http_ieq(h->name, h->name_len, "transfer-encoding")) {
-      /* Only "chunked", once and last, is a coding this gateway knows (RFC 9112 §6.1). */
-      const char *s = h->value, *item;
-      size_t len = h->value_len, item_len, items = 0;
-      while (mg_http_list_next(&s, &len, &item, &item_len)) {
-        items++;
-        if (!mg_http_is_token(item, item_len)) return MG_HTTP_E_BAD_REQUEST;
-        if (!mg_http_ieq(item, item_len, "chunked")) return MG_HTTP_E_NOT_IMPLEMENTED;
+    h->id = (int)mg_http_header_id(h->name, h->name_len);
+    switch (h->id) {
+      case MG_HDR_HOST:
+        if (++req->hosts_seen > 1) return MG_HTTP_E_BAD_REQUEST;
+        host_hdr = h;
+        break;
+      case MG_HDR_TRANSFER_ENCODING: {
+        /* Only "chunked", once and last, is a coding this gateway knows (RFC 9112 §6.1). */
+        const char *s = h->value, *item;
+        size_t len = h->value_len, item_len, items = 0;
+        while (mg_http_list_next(&s, &len, &item, &item_len)) {
+          items++;
+          if (!mg_http_is_token(item, item_len)) return MG_HTTP_E_BAD_REQUEST;
+          if (!mg_http_ieq(item, item_len, "chunked")) return MG_HTTP_E_NOT_IMPLEMENTED;
+        }
+        if (items != 1 || te_seen++) return MG_HTTP_E_BAD_REQUEST;
+        break;
       }
-      if (items != 1 || te_seen++) return MG_HTTP_E_BAD_REQUEST;
-    } else if (mg_http_ieq(h->name, h->name_len, "expect")) {
-      if (!mg_http_ieq(h->value, h->value_len, "100-continue")) return MG_HTTP_E_EXPECTATION_FAILED;
-      if (req->http_minor == 1) req->expect_continue = 1;   /* ignored from HTTP/1.0 */
-    } else if (mg_http_ieq(h->name, h->name_len, "connection")) {
-      const char *s = h->value, *item;
-      size_t len = h->value_len, item_len;
-      while (mg_http_list_next(&s, &len, &item, &item_len)) {
-        if (mg_http_ieq(item, item_len, "close")) connection_close = 1;
-        else if (mg_http_ieq(item, item_len, "keep-alive")) connection_keepalive = 1;
+      case MG_HDR_EXPECT:
+        if (!mg_http_ieq(h->value, h->value_len, "100-continue"))
+          return MG_HTTP_E_EXPECTATION_FAILED;
+        if (req->http_minor == 1) req->expect_continue = 1;   /* ignored from HTTP/1.0 */
+        break;
+      case MG_HDR_CONNECTION: {
+        const char *s = h->value, *item;
+        size_t len = h->value_len, item_len;
+        while (mg_http_list_next(&s, &len, &item, &item_len)) {
+          if (mg_http_ieq(item, item_len, "close")) connection_close = 1;
+          else if (mg_http_ieq(item, item_len, "keep-alive")) connection_keepalive = 1;
+        }
+        if (mg_http_connection_names_fields(h->value, h->value_len)) req->connection_names = 1;
+        break;
       }
+      default:
+        break;
     }
   }
   uint64_t flags = p->flags;
