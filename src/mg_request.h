@@ -127,6 +127,8 @@ struct mg_conn {
   int handles;                    /* open uv handles; the conn is freed when both closed */
   int nrequests;
   size_t write_queued;            /* bytes handed to uv_write and not yet written */
+  uint64_t deadline;              /* loop ms when the current state times out; 0 = never */
+  uint64_t timer_due;             /* when the uv timer is set to fire; 0 = not set */
   unsigned reading : 1;
   unsigned eof : 1;               /* the client half-closed */
   unsigned close_after : 1;       /* close once the current response is written */

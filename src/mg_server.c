@@ -32,8 +32,22 @@ static uint64_t ms(double seconds) { return seconds <= 0 ? 0 : (uint64_t)(second
  * Timers: one per connection, its meaning depends on the state.
  * ---------------------------------------------------------------------------------------- */
 
+/* The timer is lazy: conn_arm_timer only records the deadline of the current state, and
+ * (re)starts the uv timer only when that deadline is earlier than the one it is set for. A
+ * timer that fires early (the deadline moved on, as it does with every keep-alive request)
+ * re-arms itself for the rest. So a busy keep-alive connection costs no timer operation per
+ * request, where restarting the timer at every state change cost two or three. */
 static void on_timer(uv_timer_t *t) {
   mg_conn_t *c = container_of(t, mg_conn_t, timer);
+  c->timer_due = 0;
+  if (!c->deadline) return;
+  uint64_t now = mg_worker_now(c->w);
+  if (now < c->deadline) {
+    c->timer_due = c->deadline;
+    uv_timer_start(&c->timer, on_timer, c->deadline - now, 0);
+    return;
+  }
+  c->deadline = 0;
   switch (c->state) {
     case MG_CONN_IDLE:
       conn_close(c);                         /* idle keep-alive, or a silent new connection */
@@ -57,13 +71,13 @@ static void on_timer(uv_timer_t *t) {
 
 static void conn_arm_timer(mg_conn_t *c) {
   const mg_limits_conf_t *lim = &c->w->cfg->limits;
+  uint64_t now = mg_worker_now(c->w);
   uint64_t timeout = 0;
   switch (c->state) {
     case MG_CONN_IDLE:
       timeout = ms(c->nrequests == 0 ? lim->header_timeout : lim->keepalive_timeout);
       break;
     case MG_CONN_HEAD: {
-      uint64_t now = mg_worker_now(c->w);
       uint64_t deadline = c->req ? c->req->header_deadline : now;
       timeout = deadline > now ? deadline - now : 1;
       break;
@@ -77,8 +91,10 @@ static void conn_arm_timer(mg_conn_t *c) {
       timeout = 2000;
       break;
   }
-  if (timeout) uv_timer_start(&c->timer, on_timer, timeout, 0);
-  else uv_timer_stop(&c->timer);
+  c->deadline = timeout ? now + timeout : 0;
+  if (!timeout || (c->timer_due && c->timer_due <= c->deadline)) return;
+  c->timer_due = c->deadline;
+  uv_timer_start(&c->timer, on_timer, timeout, 0);
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -146,7 +162,7 @@ static void on_shutdown(uv_shutdown_t *r, int status) {
   if (status == UV_ECANCELED) return;        /* closed meanwhile */
   if (status < 0 || c->eof) { conn_close(c); return; }
   uv_read_start((uv_stream_t *)&c->tcp, mg_worker_alloc_cb, on_linger_read);
-  uv_timer_start(&c->timer, on_timer, 2000, 0);
+  conn_arm_timer(c);                         /* CLOSING: a short while to read the rest */
 }
 
 static void conn_close_gracefully(mg_conn_t *c) {
@@ -154,7 +170,7 @@ static void conn_close_gracefully(mg_conn_t *c) {
   c->lingering = 1;
   c->state = MG_CONN_CLOSING;
   uv_read_stop((uv_stream_t *)&c->tcp);
-  uv_timer_stop(&c->timer);
+  conn_arm_timer(c);                         /* CLOSING: bounded, even if the flush hangs */
   uv_shutdown_t *r = malloc(sizeof *r);
   if (!r || uv_shutdown(r, (uv_stream_t *)&c->tcp, on_shutdown) != 0) {
     free(r);
@@ -718,7 +734,7 @@ static void conn_after_parse(mg_conn_t *c) {
   }
   if (c->state == MG_CONN_HEAD && req->headers) {
     c->state = MG_CONN_BUSY;
-    uv_timer_stop(&c->timer);
+    conn_arm_timer(c);                       /* no deadline of its own until body or writes */
     mg_request_start(req);
     return;
   }
