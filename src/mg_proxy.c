@@ -213,8 +213,7 @@ static int upstream_write(mg_proxy_t *p, const char *data, size_t len) {
  * Timeouts: send while request bytes are queued, read while waiting for the upstream.
  * ---------------------------------------------------------------------------------------- */
 
-static void on_proxy_timeout(uv_timer_t *t) {
-  mg_upconn_t *uc = container_of(t, mg_upconn_t, timer);
+static void on_proxy_timeout(mg_upconn_t *uc) {
   mg_proxy_t *p = uc->data;
   if (!p) return;
   mg_log_warn("upstream %s: %s timed out (request %s)", p->target->name,
@@ -231,14 +230,12 @@ static void on_proxy_timeout(uv_timer_t *t) {
 
 static void proxy_arm_timer(mg_proxy_t *p) {
   mg_upconn_t *uc = p->uc;
-  if (!uc || p->upstream_paused) {
-    if (uc) uv_timer_stop(&uc->timer);
-    return;
-  }
+  if (!uc) return;
   const mg_upstream_conf_t *conf = p->up->conf;
   uint64_t t = ms(uc->write_queued ? conf->send_timeout : conf->read_timeout);
-  if (t) uv_timer_start(&uc->timer, on_proxy_timeout, t, 0);
-  else uv_timer_stop(&uc->timer);
+  /* While the client holds us back (upstream reads paused) the upstream is not late. */
+  if (p->upstream_paused || !t) mg_upconn_set_deadline(uc, 0, NULL);
+  else mg_upconn_set_deadline(uc, mg_worker_now(uc->w) + t, on_proxy_timeout);
 }
 
 /* ------------------------------------------------------------------------------------------

@@ -122,21 +122,43 @@ static void upconn_fail(mg_upconn_t *c, int status) {
   if (cb) cb(c, status, data);
 }
 
-static void on_connect_timeout(uv_timer_t *t) {
+static void on_upconn_timer(uv_timer_t *t) {
   mg_upconn_t *c = container_of(t, mg_upconn_t, timer);
+  c->timer_due = 0;
+  if (!c->deadline || !c->deadline_cb) return;
+  uint64_t now = mg_worker_now(c->w);
+  if (now < c->deadline) {                   /* moved on since: wait for the rest */
+    c->timer_due = c->deadline;
+    uv_timer_start(&c->timer, on_upconn_timer, c->deadline - now, 0);
+    return;
+  }
+  c->deadline = 0;
+  c->deadline_cb(c);
+}
+
+void mg_upconn_set_deadline(mg_upconn_t *c, uint64_t deadline, void (*cb)(mg_upconn_t *c)) {
+  c->deadline = deadline;
+  c->deadline_cb = cb;
+  if (!deadline || (c->timer_due && c->timer_due <= deadline)) return;
+  uint64_t now = mg_worker_now(c->w);
+  c->timer_due = deadline;
+  uv_timer_start(&c->timer, on_upconn_timer, deadline > now ? deadline - now : 0, 0);
+}
+
+static void on_connect_timeout(mg_upconn_t *c) {
   upconn_fail(c, c->fail_status ? c->fail_status : UV_ETIMEDOUT);
 }
 
 /* Fails from the next loop iteration, never from inside mg_upconn_connect. */
 static void upconn_fail_later(mg_upconn_t *c, int status) {
   c->fail_status = status;
-  uv_timer_start(&c->timer, on_connect_timeout, 0, 0);
+  mg_upconn_set_deadline(c, mg_worker_now(c->w), on_connect_timeout);
 }
 
 static void on_connect(uv_connect_t *r, int status) {
   mg_upconn_t *c = container_of(r, mg_upconn_t, connect_req);
   if (c->state != MG_UPCONN_CONNECTING) return;   /* closed meanwhile (ECANCELED) */
-  uv_timer_stop(&c->timer);
+  c->deadline = 0;
   if (status < 0) {
     upconn_fail(c, status);
     return;
@@ -175,7 +197,7 @@ mg_upconn_t *mg_upconn_connect(mg_target_t *t, mg_upconn_connect_cb cb, void *da
   c->tcp.data = c->timer.data = c;
   c->handles = 2;
   uint64_t timeout = ms(t->up->conf->connect_timeout);
-  uv_timer_start(&c->timer, on_connect_timeout, timeout ? timeout : 1, 0);
+  mg_upconn_set_deadline(c, mg_worker_now(w) + (timeout ? timeout : 1), on_connect_timeout);
   int rc = mg_resolver_resolve(w->resolver, t->conf->host, t->conf->port, t->up->conf->dns_ttl,
                                on_resolved, c, &c->resolve_pending);
   if (rc < 0) upconn_fail_later(c, rc);
@@ -213,15 +235,13 @@ void mg_upconn_read_stop(mg_upconn_t *c) {
   }
 }
 
-static void on_idle_timeout(uv_timer_t *t) {
-  mg_upconn_close(container_of(t, mg_upconn_t, timer));
-}
+static void on_idle_timeout(mg_upconn_t *c) { mg_upconn_close(c); }
 
 mg_upconn_t *mg_pool_acquire(mg_target_t *t) {
   mg_upconn_t *c = t->idle;
   if (!c) return NULL;
   idle_unlink(c);
-  uv_timer_stop(&c->timer);
+  c->deadline = 0;
   c->read_cb = NULL;                         /* still reading: see on_upconn_read */
   c->state = MG_UPCONN_BUSY;
   return c;
@@ -233,7 +253,7 @@ void mg_pool_release(mg_upconn_t *c) {
   c->requests++;
   c->data = NULL;
   c->read_cb = NULL;
-  uv_timer_stop(&c->timer);
+  c->deadline = 0;
   if (c->w->stopping || uc->keepalive_max_idle <= 0 || c->requests >= uc->keepalive_requests ||
       t->nidle >= (size_t)uc->keepalive_max_idle || c->write_queued) {
     mg_upconn_close(c);
@@ -247,5 +267,5 @@ void mg_pool_release(mg_upconn_t *c) {
   t->nidle++;
   mg_upconn_read_start(c, NULL);             /* an idle connection keeps listening */
   uint64_t timeout = ms(uc->keepalive_timeout);
-  uv_timer_start(&c->timer, on_idle_timeout, timeout ? timeout : 1, 0);
+  mg_upconn_set_deadline(c, mg_worker_now(c->w) + (timeout ? timeout : 1), on_idle_timeout);
 }

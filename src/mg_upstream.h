@@ -58,6 +58,9 @@ struct mg_upconn {
   void *resolve_pending;
   mg_upconn_connect_cb connect_cb;
   mg_upconn_read_cb read_cb;    /* the owner's, while busy */
+  void (*deadline_cb)(mg_upconn_t *c); /* what happens at the deadline */
+  uint64_t deadline;            /* loop ms; 0 = none (see mg_upconn_set_deadline) */
+  uint64_t timer_due;           /* when the uv timer is set to fire; 0 = not set */
   int reading;                  /* uv_read_start is in effect */
   void *data;                   /* the owner (a proxy exchange) while busy */
 };
@@ -80,6 +83,10 @@ mg_upconn_t *mg_pool_acquire(mg_target_t *t);
 /* Opens a fresh connection to T: resolves the host (cached), connects with the upstream's
  * connect timeout, sets TCP_NODELAY; calls CB(c, status, DATA) once. */
 mg_upconn_t *mg_upconn_connect(mg_target_t *t, mg_upconn_connect_cb cb, void *data);
+
+/* Calls CB at loop time DEADLINE (ms; 0 clears it). Lazy: the uv timer is restarted only
+ * when the deadline moves earlier, so moving it later on every read costs nothing. */
+void mg_upconn_set_deadline(mg_upconn_t *c, uint64_t deadline, void (*cb)(mg_upconn_t *c));
 
 /* Delivers what the upstream sends to CB (the owner's) until the connection is released.
  * Reading continues across pool transitions, so this costs no system call on a pooled one. */
