@@ -1057,6 +1057,13 @@ class Gateway:
         except subprocess.TimeoutExpired:
             pass
         self._finish()
+        # Under `make asan` a sanitizer report from any of the gateway's processes (a worker's
+        # leak report at exit, a UBSan finding) fails the test that ran it.
+        if expect_clean:
+            err = self.stderr_text()
+            for mark in ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "runtime error:"):
+                if mark in err:
+                    raise AssertionError("sanitizer report from moongate:\n%s" % err[-6000:])
         if expect_clean and hung:
             raise AssertionError("moongate did not exit within %s s of SIGTERM:\n%s"
                                  % (timeout, self.stderr_text()))

@@ -52,6 +52,7 @@ typedef struct mg_proxy {
   unsigned failed : 1;
   int status;
   mg_buf_t out;                   /* bytes for the client, written after each upstream read */
+  mg_buf_t reqhead;               /* the request head rebuilt for the upstream */
   mg_buf_t rhead;                 /* response header names and values */
   mg_buf_t roffs;                 /* mg_header_off_t per response header */
   uint32_t cur_name, cur_name_len, cur_value, cur_value_len;
@@ -117,13 +118,59 @@ static void proxy_drop_upconn(mg_proxy_t *p, int reusable) {
   else mg_upconn_close(uc);
 }
 
+/* Finished exchanges are kept (with their buffers) for the next request: the worker is
+ * single-threaded, so a plain free list per process does. */
+#define MG_SPARE_PROXIES 64
+#define MG_SPARE_PROXY_BUF (64 * 1024)
+static mg_proxy_t *spare_proxies;
+static size_t nspare_proxies;
+
+static mg_proxy_t *proxy_alloc(void) {
+  mg_proxy_t *p = spare_proxies;
+  if (!p) return calloc(1, sizeof *p);
+  spare_proxies = (mg_proxy_t *)p->req;
+  nspare_proxies--;
+  mg_buf_t out = p->out, rhead = p->rhead, roffs = p->roffs, reqhead = p->reqhead;
+  memset(p, 0, sizeof *p);
+  p->out = out;
+  p->rhead = rhead;
+  p->roffs = roffs;
+  p->reqhead = reqhead;
+  return p;
+}
+
 static void proxy_free(mg_proxy_t *p) {
   proxy_drop_upconn(p, 0);
+  if (p->req) p->req->handler = NULL;
+  if (nspare_proxies < MG_SPARE_PROXIES) {
+    mg_buf_reset(&p->out, MG_SPARE_PROXY_BUF);
+    mg_buf_reset(&p->rhead, MG_SPARE_PROXY_BUF);
+    mg_buf_reset(&p->roffs, MG_SPARE_PROXY_BUF);
+    mg_buf_reset(&p->reqhead, MG_SPARE_PROXY_BUF);
+    p->req = (mg_request_t *)(void *)spare_proxies;   /* the free-list link */
+    spare_proxies = p;
+    nspare_proxies++;
+    return;
+  }
   mg_buf_dispose(&p->out);
   mg_buf_dispose(&p->rhead);
   mg_buf_dispose(&p->roffs);
-  if (p->req) p->req->handler = NULL;
+  mg_buf_dispose(&p->reqhead);
   free(p);
+}
+
+void mg_proxy_free_spares(void) {
+  while (spare_proxies) {
+    mg_proxy_t *p = spare_proxies;
+    spare_proxies = (mg_proxy_t *)p->req;
+    p->req = NULL;
+    nspare_proxies = 0;
+    mg_buf_dispose(&p->out);
+    mg_buf_dispose(&p->rhead);
+    mg_buf_dispose(&p->roffs);
+    mg_buf_dispose(&p->reqhead);
+    free(p);
+  }
 }
 
 /* The request ends without us (client gone, client-side error): discard everything. */
@@ -407,11 +454,9 @@ static void proxy_send(mg_proxy_t *p) {
   llhttp_init(&uc->parser, HTTP_RESPONSE, &response_settings);
   uc->parser.data = p;
   if (req->method == HTTP_HEAD) p->no_body = 1;
-  mg_buf_t head;
-  mg_buf_init(&head);
-  build_request_head(p, &head);
-  int rc = upstream_write(p, head.data, head.len);
-  mg_buf_dispose(&head);
+  p->reqhead.len = 0;
+  build_request_head(p, &p->reqhead);
+  int rc = upstream_write(p, p->reqhead.data, p->reqhead.len);
   if (rc != 0 && !p->reused) {
     mg_upstream_report(p->target, 0);
     proxy_fail(p, MG_HTTP_E_BAD_GATEWAY);
@@ -754,7 +799,7 @@ static void on_upstream_read(mg_upconn_t *uc, ssize_t nread, const uv_buf_t *buf
  * ---------------------------------------------------------------------------------------- */
 
 void mg_proxy_start(mg_request_t *req, mg_upstream_t *up) {
-  mg_proxy_t *p = calloc(1, sizeof *p);
+  mg_proxy_t *p = proxy_alloc();
   if (!p) {
     mg_request_error(req, MG_HTTP_E_INTERNAL);
     return;

@@ -13,4 +13,7 @@ void mg_proxy_start(mg_request_t *req, mg_upstream_t *up);
 /* Sets up the response parser settings (once per process). */
 void mg_proxy_init(void);
 
+/* Frees the exchanges kept for reuse (at worker exit). */
+void mg_proxy_free_spares(void);
+
 #endif

@@ -30,10 +30,11 @@ mg_request_t *mg_request_new(mg_conn_t *c) {
   if (req) {
     w->spare = req->handler;
     w->nspare--;
-    mg_buf_t head = req->head, offs = req->offs;
+    mg_buf_t head = req->head, offs = req->offs, header_mem = req->header_mem;
     memset(req, 0, sizeof *req);
     req->head = head;
     req->offs = offs;
+    req->header_mem = header_mem;
   } else {
     req = calloc(1, sizeof *req);
     if (!req) return NULL;
@@ -51,11 +52,11 @@ mg_request_t *mg_request_new(mg_conn_t *c) {
 
 void mg_request_free(mg_request_t *req) {
   mg_worker_t *w = req->w;
-  free(req->headers);
   req->headers = NULL;
   if (w && w->nspare < MG_SPARE_REQUESTS && !w->stopping) {
     mg_buf_reset(&req->head, MG_SPARE_BUF_MAX);
     mg_buf_reset(&req->offs, MG_SPARE_BUF_MAX);
+    mg_buf_reset(&req->header_mem, MG_SPARE_BUF_MAX);
     req->handler = w->spare;
     w->spare = req;
     w->nspare++;
@@ -63,6 +64,7 @@ void mg_request_free(mg_request_t *req) {
   }
   mg_buf_dispose(&req->head);
   mg_buf_dispose(&req->offs);
+  mg_buf_dispose(&req->header_mem);
   free(req);
 }
 
@@ -72,6 +74,7 @@ void mg_request_free_spares(mg_worker_t *w) {
     w->spare = req->handler;
     mg_buf_dispose(&req->head);
     mg_buf_dispose(&req->offs);
+    mg_buf_dispose(&req->header_mem);
     free(req);
   }
   w->nspare = 0;

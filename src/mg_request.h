@@ -60,6 +60,7 @@ struct mg_request {
   /* ---- the parsed head (all strings point into head, valid for the request's life) */
   mg_buf_t head;                  /* target, header names and values, normalised path */
   mg_buf_t offs;                  /* mg_header_off_t while parsing */
+  mg_buf_t header_mem;            /* the memory of headers[] (kept when the request is reused) */
   mg_header_t *headers;
   size_t nheaders;
   const char *method_name; size_t method_len;

@@ -542,8 +542,10 @@ static mg_http_error_t check_head(mg_conn_t *c, llhttp_t *p) {
   /* The head is complete: turn offsets into pointers. The target is at offset 0. */
   size_t url_len = req->url_bytes;
   size_t nh = req->offs.len / sizeof(mg_header_off_t);
-  req->headers = malloc((nh ? nh : 1) * sizeof(mg_header_t));
-  if (!req->headers) return MG_HTTP_E_INTERNAL;
+  req->header_mem.len = 0;
+  if (mg_buf_reserve(&req->header_mem, (nh ? nh : 1) * sizeof(mg_header_t)) != 0)
+    return MG_HTTP_E_INTERNAL;
+  req->headers = (mg_header_t *)(void *)req->header_mem.data;
   const mg_header_off_t *o = (const mg_header_off_t *)req->offs.data;
   /* Reserve room for the normalised path and host now, so the pointers below stay valid. */
   if (mg_buf_reserve(&req->head, url_len * 2 + 512) != 0) return MG_HTTP_E_INTERNAL;

@@ -138,6 +138,7 @@ int mg_worker_run(const mg_config_t *cfg, const int *fds) {
   uv_loop_close(&w->loop);
   for (size_t i = 0; i < w->nlisteners; i++) mg_router_free(w->listeners[i].router);
   mg_request_free_spares(w);
+  mg_proxy_free_spares();
   free(w->listeners);
   free(w);
   return 0;
