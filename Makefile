@@ -70,7 +70,7 @@ run: deps
 	$(BUILD)/moongate -c examples/gateway.lua
 
 bench: deps
-	@$(MAKE) --no-print-directory $(BUILD)/moongate
+	-@$(MAKE) --no-print-directory $(BUILD)/moongate
 	@scripts/bench.sh
 
 clean:

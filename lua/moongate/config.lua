@@ -215,7 +215,11 @@ local function json_value(v, out, open, depth)
   elseif t == "number" then
     if v ~= v or v == huge or v == -huge then error("cannot encode " .. tostring(v) .. " as JSON", 0) end
     if v == floor(v) and v > -MAX_SIZE and v < MAX_SIZE then out[#out + 1] = format("%d", v)
-    else out[#out + 1] = format("%.17g", v) end
+    else
+      -- The shortest form that reads back as the same double: 9.99, not 9.9900000000000002.
+      local short = format("%.15g", v)
+      out[#out + 1] = tonumber(short) == v and short or format("%.17g", v)
+    end
   elseif t == "boolean" then
     out[#out + 1] = tostring(v)
   elseif t == "table" then

@@ -299,7 +299,7 @@ static void test_routes(void)
   r = route_at(&cfg, 18); /* JSON: sorted keys, {} for an empty table, escapes */
   MG_CHECK(r != NULL);
   MG_CHECK_MEM(r->respond_body, r->respond_body_len,
-               "{\"empty\":{},\"list\":[1,2.5,true,\"a\\\"b\\n\\u0001\"],\"n\":[[\"x\"]]}");
+               "{\"empty\":{},\"list\":[1,2.5,9.99,true,\"a\\\"b\\n\\u0001\"],\"n\":[[\"x\"]]}");
 
   r = route_at(&cfg, 19); /* any method next to GET on the same path: a fallback, no clash */
   MG_CHECK(r != NULL);
