@@ -19,6 +19,7 @@
 
 #include "mg_log.h"
 #include "mg_proxy.h"
+#include "mg_write.h"
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
 
@@ -211,18 +212,11 @@ static void proxy_finish(mg_proxy_t *p, int extra_bytes) {
  * Writing to the upstream.
  * ---------------------------------------------------------------------------------------- */
 
-typedef struct up_write {
-  uv_write_t req;
-  mg_upconn_t *uc;
-  size_t len;
-  char data[];
-} up_write_t;
-
 static void proxy_arm_timer(mg_proxy_t *p);
 
 static void on_upstream_write(uv_write_t *wr, int status) {
-  up_write_t *w = container_of(wr, up_write_t, req);
-  mg_upconn_t *uc = w->uc;
+  mg_write_t *w = container_of(wr, mg_write_t, req);
+  mg_upconn_t *uc = w->owner;
   uc->write_queued -= w->len;
   free(w);
   mg_proxy_t *p = uc->data;
@@ -237,22 +231,10 @@ static void on_upstream_write(uv_write_t *wr, int status) {
 
 static int upstream_write(mg_proxy_t *p, const char *data, size_t len) {
   mg_upconn_t *uc = p->uc;
-  if (uc->write_queued == 0) {
-    uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
-    int n = uv_try_write((uv_stream_t *)&uc->tcp, &b, 1);
-    if (n == (int)len) return 0;
-    if (n < 0 && n != UV_EAGAIN) return n;
-    if (n > 0) { data += n; len -= (size_t)n; }
-  }
-  up_write_t *w = malloc(sizeof *w + len);
-  if (!w) return UV_ENOMEM;
-  memcpy(w->data, data, len);
-  w->uc = uc;
-  w->len = len;
-  uv_buf_t b = uv_buf_init(w->data, (unsigned)len);
-  int rc = uv_write(&w->req, (uv_stream_t *)&uc->tcp, &b, 1, on_upstream_write);
-  if (rc != 0) { free(w); return rc; }
-  uc->write_queued += len;
+  ssize_t queued = mg_write((uv_stream_t *)&uc->tcp, data, len, uc->write_queued,
+                            on_upstream_write, uc);
+  if (queued < 0) return (int)queued;
+  uc->write_queued += (size_t)queued;
   return 0;
 }
 

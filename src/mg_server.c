@@ -14,6 +14,7 @@
 
 #include "mg_log.h"
 #include "mg_request.h"
+#include "mg_write.h"
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
 
@@ -182,18 +183,11 @@ static void conn_close_gracefully(mg_conn_t *c) {
  * Writing. uv_try_write first; what is left is copied into a write request.
  * ---------------------------------------------------------------------------------------- */
 
-typedef struct conn_write {
-  uv_write_t req;
-  mg_conn_t *conn;
-  size_t len;
-  char data[];
-} conn_write_t;
-
 static void conn_request_finished(mg_conn_t *c);
 
 static void on_write(uv_write_t *wr, int status) {
-  conn_write_t *w = container_of(wr, conn_write_t, req);
-  mg_conn_t *c = w->conn;
+  mg_write_t *w = container_of(wr, mg_write_t, req);
+  mg_conn_t *c = w->owner;
   c->write_queued -= w->len;
   free(w);
   if (status < 0) {
@@ -213,24 +207,10 @@ static void on_write(uv_write_t *wr, int status) {
 int mg_conn_write(mg_conn_t *c, const char *data, size_t len) {
   if (c->state == MG_CONN_CLOSING || uv_is_closing((uv_handle_t *)&c->tcp)) return -1;
   if (c->req) c->req->bytes_out += len;
-  if (c->write_queued == 0) {
-    uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
-    int n = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
-    if (n == (int)len) return 0;
-    if (n < 0 && n != UV_EAGAIN) return -1;
-    if (n > 0) { data += n; len -= (size_t)n; }
-  }
-  conn_write_t *w = malloc(sizeof *w + len);
-  if (!w) return -1;
-  memcpy(w->data, data, len);
-  w->conn = c;
-  w->len = len;
-  uv_buf_t b = uv_buf_init(w->data, (unsigned)len);
-  if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write) != 0) {
-    free(w);
-    return -1;
-  }
-  c->write_queued += len;
+  ssize_t queued = mg_write((uv_stream_t *)&c->tcp, data, len, c->write_queued, on_write, c);
+  if (queued < 0) return -1;
+  if (queued == 0) return 0;
+  c->write_queued += (size_t)queued;
   if (c->state == MG_CONN_BUSY) conn_arm_timer(c);
   return 0;
 }
