@@ -71,6 +71,17 @@ int mg_balancer_pick(mg_balancer_t *b, uint64_t now_ms, uint64_t exclude) {
   return (int)best_i;
 }
 
+int mg_balancer_available(const mg_balancer_t *b, uint64_t now_ms, uint64_t exclude) {
+  int n = 0;
+  for (size_t i = 0; i < b->npeers; i++) {
+    const mg_balancer_peer_t *p = &b->peers[i];
+    if (p->ejected_until != 0 && now_ms < p->ejected_until) continue;
+    if (i < 64 && (exclude >> i) & 1u) continue;
+    n++;
+  }
+  return n;
+}
+
 void mg_balancer_fail(mg_balancer_t *b, size_t i, uint64_t now_ms) {
   if (i >= b->npeers) return;
   mg_balancer_peer_t *p = &b->peers[i];

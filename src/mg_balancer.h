@@ -34,6 +34,10 @@ void mg_balancer_dispose(mg_balancer_t *b);
  * service. Returns the peer index, or -1 when every peer is ejected or excluded (503). */
 int mg_balancer_pick(mg_balancer_t *b, uint64_t now_ms, uint64_t exclude);
 
+/* How many peers mg_balancer_pick could choose from now (nothing changes: the smooth
+ * round-robin state only moves when a peer is picked). */
+int mg_balancer_available(const mg_balancer_t *b, uint64_t now_ms, uint64_t exclude);
+
 /* Records a failed exchange with peer I (refused, reset, timeout); ejects it at max_fails. */
 void mg_balancer_fail(mg_balancer_t *b, size_t i, uint64_t now_ms);
 

@@ -106,13 +106,17 @@ static void close_listeners(master_t *m) {
 }
 
 static master_t *the_master;
+static void on_respawn_timer(uv_timer_t *t);
 
 static void spawn(master_t *m, int s) {
   slot_t *slot = &m->slots[s];
   pid_t parent = getpid();
   pid_t pid = fork();
   if (pid < 0) {
-    mg_log_error("fork: %s", strerror(errno));
+    /* The slot's socket keeps taking connections: try again in a second. */
+    mg_log_error("fork: %s; retrying in 1s", strerror(errno));
+    slot->pid = 0;
+    uv_timer_start(&m->respawn_timer, on_respawn_timer, 1000, 0);
     return;
   }
   if (pid == 0) {

@@ -51,6 +51,9 @@ typedef struct mg_proxy {
   unsigned upstream_paused : 1;
   unsigned body_paused : 1;
   unsigned failed : 1;
+  unsigned head_written : 1;      /* the request head went to uc: body bytes may follow */
+  unsigned write_failed : 1;      /* a write to uc failed; the failure is reported from the loop */
+  int attempts;                   /* connections tried for this request */
   int status;
   mg_buf_t out;                   /* bytes for the client, written after each upstream read */
   mg_buf_t reqhead;               /* the request head rebuilt for the upstream */
@@ -180,6 +183,7 @@ static void proxy_on_abort(mg_request_t *req) {
   if (!p) return;
   if (p->start_ns && req->upstream_time < 0)
     req->upstream_time = (double)(uv_hrtime() - p->start_ns) / 1e9;
+  req->handler = NULL;
   p->req = NULL;
   proxy_free(p);
 }
@@ -259,9 +263,14 @@ static void on_proxy_timeout(mg_upconn_t *uc) {
 
 static void proxy_arm_timer(mg_proxy_t *p) {
   mg_upconn_t *uc = p->uc;
-  if (!uc) return;
+  if (!uc || p->write_failed) return;
   const mg_upstream_conf_t *conf = p->up->conf;
-  uint64_t t = ms(uc->write_queued ? conf->send_timeout : conf->read_timeout);
+  /* Send timeout while request bytes wait; read timeout once the request is out (or the
+   * upstream answered early). While the client is still uploading, the client's own body
+   * timeout applies, not the upstream's read timeout. */
+  uint64_t t = 0;
+  if (uc->write_queued) t = ms(conf->send_timeout);
+  else if (p->request_sent || p->response_began) t = ms(conf->read_timeout);
   /* While the client holds us back (upstream reads paused) the upstream is not late. */
   if (p->upstream_paused || !t) mg_upconn_set_deadline(uc, 0, NULL);
   else mg_upconn_set_deadline(uc, mg_worker_now(uc->w) + t, on_proxy_timeout);
@@ -392,10 +401,29 @@ static void build_request_head(mg_proxy_t *p, mg_buf_t *b) {
  * The request body, streamed to the upstream.
  * ---------------------------------------------------------------------------------------- */
 
+/* A write to the upstream failed (not just "later"): the exchange cannot go on. It is
+ * reported from the loop, never from inside the client's parser callbacks. */
+static void proxy_upstream_broken(mg_proxy_t *p, int status);
+
+static void on_write_failed(mg_upconn_t *uc) {
+  mg_proxy_t *p = uc->data;
+  if (p) proxy_upstream_broken(p, UV_EPIPE);
+}
+
+static void proxy_write_failed(mg_proxy_t *p) {
+  if (p->write_failed || !p->uc) return;
+  p->write_failed = 1;
+  mg_upconn_set_deadline(p->uc, mg_worker_now(p->uc->w), on_write_failed);
+}
+
 static void proxy_on_body(mg_request_t *req, const char *data, size_t len) {
   mg_proxy_t *p = req->handler;
-  if (!p->uc || p->failed || len == 0) return;
-  p->body_started = 1;
+  if (len == 0 || p->failed || p->write_failed) return;
+  p->body_started = 1;                       /* from here on the request cannot be replayed */
+  if (!p->uc || !p->head_written) {          /* never body bytes before the head */
+    proxy_write_failed(p);
+    return;
+  }
   int rc = 0;
   if (req->chunked) {
     /* One write per chunk: size line, data and CRLF together. */
@@ -409,7 +437,10 @@ static void proxy_on_body(mg_request_t *req, const char *data, size_t len) {
   } else {
     rc = upstream_write(p, data, len);
   }
-  if (rc != 0) return;                       /* the read side sees the broken connection */
+  if (rc != 0) {
+    proxy_write_failed(p);
+    return;
+  }
   proxy_arm_timer(p);
   if (p->uc->write_queued > MG_PROXY_HIGH_WATER && !p->body_paused) {
     p->body_paused = 1;
@@ -419,8 +450,11 @@ static void proxy_on_body(mg_request_t *req, const char *data, size_t len) {
 
 static void proxy_on_body_done(mg_request_t *req) {
   mg_proxy_t *p = req->handler;
-  if (!p->uc || p->failed) return;
-  if (req->chunked) upstream_write(p, "0\r\n\r\n", 5);
+  if (!p->uc || p->failed || p->write_failed || !p->head_written) return;
+  if (req->chunked && upstream_write(p, "0\r\n\r\n", 5) != 0) {
+    proxy_write_failed(p);
+    return;
+  }
   p->request_sent = 1;
   proxy_arm_timer(p);
 }
@@ -444,14 +478,17 @@ static void proxy_send(mg_proxy_t *p) {
     proxy_fail(p, MG_HTTP_E_BAD_GATEWAY);
     return;
   }
+  /* A pooled connection that fails this write is noticed by its read side (and retried). */
+  p->head_written = rc == 0;
   mg_upconn_read_start(uc, on_upstream_read);
-  proxy_arm_timer(p);
   if (req->has_body && !req->body_done) {
+    proxy_arm_timer(p);
     req->on_body = proxy_on_body;
     req->on_body_done = proxy_on_body_done;
     mg_conn_read_body(req->conn);
   } else {
     p->request_sent = 1;
+    proxy_arm_timer(p);
   }
 }
 
@@ -465,8 +502,8 @@ static void on_upstream_connected(mg_upconn_t *uc, int status, void *data) {
     p->tried |= p->target->index < 64 ? (uint64_t)1 << p->target->index : 0;
     p->last_error = status == UV_ETIMEDOUT ? MG_HTTP_E_GATEWAY_TIMEOUT : MG_HTTP_E_BAD_GATEWAY;
     /* Nothing was sent: another target may take it. */
-    if (p->up->ntargets > 1 && (p->tried & ~(uint64_t)0) != 0 &&
-        mg_upstream_pick(p->up, p->tried) != NULL) {
+    if (p->up->ntargets > 1 &&
+        mg_balancer_available(&p->up->balancer, mg_worker_now(p->up->w), p->tried) > 0) {
       proxy_connect(p);
       return;
     }
@@ -478,7 +515,9 @@ static void on_upstream_connected(mg_upconn_t *uc, int status, void *data) {
 
 static void proxy_connect(mg_proxy_t *p) {
   mg_request_t *req = p->req;
-  mg_target_t *t = mg_upstream_pick(p->up, p->tried);
+  /* Each target at most once, plus the one retry of a reused connection. */
+  size_t cap = (p->up->ntargets < 64 ? p->up->ntargets : 64) + 1;
+  mg_target_t *t = ++p->attempts <= (int)cap ? mg_upstream_pick(p->up, p->tried) : NULL;
   if (!t) {
     proxy_fail(p, p->last_error ? (mg_http_error_t)p->last_error : MG_HTTP_E_NO_UPSTREAM);
     return;
@@ -502,9 +541,16 @@ static void proxy_upstream_broken(mg_proxy_t *p, int status) {
   mg_request_t *req = p->req;
   if (!p->response_began && !p->head_flushed) {
     if (p->reused && !p->retried && idempotent(req) && !p->body_started) {
-      /* A pooled connection the upstream had closed: one retry on a fresh connection. */
+      /* A pooled connection the upstream had closed: one retry on a fresh connection. No
+       * body byte may reach the new connection before its head: the client's body is held
+       * (and stays unread) until proxy_send asks for it again. */
       p->retried = 1;
       p->fresh_only = 1;
+      p->head_written = 0;
+      p->write_failed = 0;
+      req->on_body = NULL;
+      req->on_body_done = NULL;
+      if (req->has_body && !req->body_done) mg_conn_pause_body(req->conn);
       proxy_drop_upconn(p, 0);
       proxy_connect(p);
       return;
@@ -520,6 +566,7 @@ static void proxy_upstream_broken(mg_proxy_t *p, int status) {
               status == UV_EOF ? "connection closed" : uv_strerror(status), req->id);
   mg_upstream_report(p->target, 0);
   if (p->head_built && !p->head_flushed) {   /* head parsed but not yet sent: nothing sent */
+    req->head_sent = 0;
     proxy_fail(p, MG_HTTP_E_BAD_GATEWAY);
     return;
   }

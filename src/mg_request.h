@@ -139,6 +139,7 @@ struct mg_conn {
   unsigned body_paused : 1;       /* the handler asked to stop reading the body */
   unsigned finishing : 1;         /* the handler is done; waiting for the writes to drain */
   unsigned in_process : 1;        /* conn_process is running (no re-entry) */
+  unsigned close_pending : 1;     /* conn_close was asked while the parser ran */
   mg_http_error_t error;          /* set by a parser callback to fail the request */
   uint16_t client_port;
   char client_ip[46];             /* the peer address, as text */

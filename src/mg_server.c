@@ -114,6 +114,10 @@ static void on_handle_closed(uv_handle_t *h) {
 static void conn_close(mg_conn_t *c) {
   if (c->state == MG_CONN_CLOSING && c->handles < 2) return;
   if (uv_is_closing((uv_handle_t *)&c->tcp)) return;
+  if (c->in_execute) {                       /* the parser is running on req: close after it */
+    c->close_pending = 1;
+    return;
+  }
   if (c->req && c->state == MG_CONN_IDLE) {  /* a parser waiting for a first byte */
     mg_request_free(c->req);
     c->req = NULL;
@@ -264,12 +268,16 @@ void mg_conn_read_body(mg_conn_t *c) {
   if (!req || req->body_done || c->state != MG_CONN_BUSY) return;
   req->body_reading = 1;
   c->body_paused = 0;
-  if (req->expect_continue && !req->continue_sent && c->pending.len == 0) {
-    static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+  /* "100 Continue" once, and only if the client is waiting for it: nothing of the body
+   * arrived yet and no response has started. Decided at the first call, never later. */
+  if (req->expect_continue && !req->continue_sent) {
     req->continue_sent = 1;
-    uint64_t out = req->bytes_out;
-    mg_conn_write(c, cont, sizeof cont - 1);
-    req->bytes_out = out;                     /* interim responses are not the response */
+    if (c->pending.len == 0 && req->body_received == 0 && !req->head_sent) {
+      static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+      uint64_t out = req->bytes_out;
+      mg_conn_write(c, cont, sizeof cont - 1);
+      req->bytes_out = out;                   /* interim responses are not the response */
+    }
   }
   if (!c->reading && !c->eof) {
     c->reading = 1;
@@ -349,7 +357,6 @@ static int count_header_bytes(mg_conn_t *c, size_t len) {
 
 static int store_header(mg_conn_t *c) {
   mg_request_t *req = c->req;
-  if (req->body_reading || req->has_body) return 0;       /* trailers are dropped */
   if (c->req->cur_name_len == 0) return fail_cb(c, MG_HTTP_E_BAD_REQUEST); /* ": value" */
   size_t n = req->offs.len / sizeof(mg_header_off_t);
   if (n + 1 > c->w->cfg->limits.header_count) return fail_cb(c, MG_HTTP_E_HEADERS_TOO_LARGE);
@@ -364,6 +371,10 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len) {
   mg_conn_t *c = CONN(p);
   mg_request_t *req = c->req;
   if (count_header_bytes(c, len) != 0) return fail_cb(c, MG_HTTP_E_HEADERS_TOO_LARGE);
+  /* After the head (req->headers is set) these are trailer fields: counted against the
+   * header limit, never stored (the head's pointers into req->head must not move) and never
+   * forwarded. */
+  if (req->headers) return 0;
   if (c->req->in_value && store_header(c) != 0) return -1;
   if (c->req->cur_name_len == 0) c->req->cur_name = (uint32_t)req->head.len;
   c->req->cur_name_len += (uint32_t)len;
@@ -374,6 +385,7 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len) {
 
 static int on_header_field_complete(llhttp_t *p) {
   mg_conn_t *c = CONN(p);
+  if (c->req->headers) return 0;             /* a trailer */
   if (c->req->cur_name_len == 0) return fail_cb(c, MG_HTTP_E_BAD_REQUEST);
   c->req->in_value = 1;
   c->req->cur_value = (uint32_t)c->req->head.len;
@@ -390,6 +402,7 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   char before = at == c->req->parse_base ? c->req->last_byte : at[-1];
   if (before == '\n') return fail_cb(c, MG_HTTP_E_BAD_REQUEST);
   if (count_header_bytes(c, len) != 0) return fail_cb(c, MG_HTTP_E_HEADERS_TOO_LARGE);
+  if (req->headers) return 0;                /* a trailer */
   c->req->in_value = 1;
   c->req->cur_value_len += (uint32_t)len;
   return mg_buf_append(&req->head, at, len) == 0 ? 0 : fail_cb(c, MG_HTTP_E_INTERNAL);
@@ -397,11 +410,7 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
 
 static int on_header_value_complete(llhttp_t *p) {
   mg_conn_t *c = CONN(p);
-  if (c->req->body_reading || c->req->has_body) {   /* a trailer field: counted, dropped */
-    c->req->cur_name_len = c->req->cur_value_len = 0;
-    c->req->in_value = 0;
-    return 0;
-  }
+  if (c->req->headers) return 0;             /* a trailer: counted, dropped */
   return store_header(c);
 }
 
@@ -527,8 +536,10 @@ static mg_http_error_t check_head(mg_conn_t *c, llhttp_t *p) {
     return MG_HTTP_E_INTERNAL;
   req->headers = (mg_header_t *)(void *)req->header_mem.data;
   const mg_header_off_t *o = (const mg_header_off_t *)req->offs.data;
-  /* Reserve room for the normalised path and host now, so the pointers below stay valid. */
-  if (mg_buf_reserve(&req->head, url_len * 2 + 512) != 0) return MG_HTTP_E_INTERNAL;
+  /* Reserve room now for what is appended below (the normalised path, at most the target's
+   * length, and the lower-case host, at most a header value's length), so that neither the
+   * pointers taken next nor the source of those appends can move. */
+  if (mg_buf_reserve(&req->head, url_len + req->head.len + 16) != 0) return MG_HTTP_E_INTERNAL;
   const char *base = req->head.data;
   req->nheaders = nh;
   int connection_close = 0, connection_keepalive = 0, te_seen = 0;
@@ -637,6 +648,8 @@ static mg_http_error_t check_head(mg_conn_t *c, llhttp_t *p) {
 
   /* Framing and keep-alive. */
   req->chunked = (unsigned)chunked;
+  if ((flags & F_CONTENT_LENGTH) && p->content_length > (uint64_t)INT64_MAX)
+    return MG_HTTP_E_BAD_REQUEST;            /* llhttp takes up to 2^64-1; we never do */
   req->content_length = (flags & F_CONTENT_LENGTH) ? (int64_t)p->content_length : -1;
   req->has_body = chunked || req->content_length > 0;
   req->max_body = lim->body_bytes;
@@ -672,6 +685,11 @@ static size_t conn_parse(mg_conn_t *c, const char *data, size_t len) {
   c->in_execute = 1;
   enum llhttp_errno e = llhttp_execute(&c->req->parser, data, len);
   c->in_execute = 0;
+  if (c->close_pending) {                    /* a callback closed the connection */
+    c->close_pending = 0;
+    conn_close(c);
+    return (size_t)-1;
+  }
   size_t used = len;
   if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE) {
     used = (size_t)(llhttp_get_error_pos(&c->req->parser) - data);
@@ -741,6 +759,9 @@ static void conn_process(mg_conn_t *c) {
   if (c->pending.len == 0) {
     mg_buf_reset(&c->pending, 4096);
     if (c->eof && c->state == MG_CONN_IDLE) conn_close(c);
+    else if (c->eof && c->state == MG_CONN_BUSY && c->req && c->req->has_body &&
+             !c->req->body_done && conn_may_parse(c))
+      conn_close(c);                         /* half-closed with the body incomplete */
   }
 }
 
@@ -754,7 +775,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     uv_read_stop(s);
     if (c->state == MG_CONN_IDLE && c->pending.len == 0) { conn_close(c); return; }
     if (c->state == MG_CONN_HEAD) { conn_close(c); return; }   /* half a head, then gone */
-    if (c->state == MG_CONN_BUSY && c->req && c->req->has_body && !c->req->body_done) {
+    if (c->state == MG_CONN_BUSY && c->req && c->req->has_body && !c->req->body_done &&
+        c->pending.len == 0) {
       conn_close(c);                         /* the body will never complete */
       return;
     }
