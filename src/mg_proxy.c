@@ -647,7 +647,6 @@ static int r_on_headers_complete(llhttp_t *parser) {
   int no_body = p->no_body || status == 204 || status == 304;
   p->no_body = (unsigned)no_body;
   int has_cl = (parser->flags & F_CONTENT_LENGTH) != 0;
-  int chunked = (parser->flags & F_CHUNKED) != 0;
 
   size_t n = p->roffs.len / sizeof(mg_header_off_t);
   mg_header_t hs[MG_PROXY_MAX_RESPONSE_HEADERS];
@@ -701,7 +700,6 @@ static int r_on_headers_complete(llhttp_t *parser) {
     mg_buf_append(b, "\r\n", 2);
   }
   if (p->client_chunked) mg_buf_append(b, "Transfer-Encoding: chunked\r\n", 28);
-  (void)chunked;
   /* The RESPONSE phase (Lua `response` hooks) runs here, before the head leaves. */
   mg_request_common_headers(req, b);
   mg_buf_append(b, "\r\n", 2);
