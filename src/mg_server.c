@@ -815,6 +815,31 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
  * Accepting.
  * ---------------------------------------------------------------------------------------- */
 
+/* Out of memory for a connection: it must still be accepted (libuv stops watching a listener
+ * whose pending connection was not taken), so it goes into the worker's one spare handle and
+ * is closed at once. While that handle is closing, the listener waits and is retried. */
+static void on_reject_closed(uv_handle_t *h) {
+  mg_worker_t *w = h->data;
+  w->reject_busy = 0;
+  mg_listener_t *l = w->reject_waiting;
+  w->reject_waiting = NULL;
+  if (l && !w->stopping) mg_server_on_connection((uv_stream_t *)&l->handle, 0);
+}
+
+static void reject_connection(mg_listener_t *l) {
+  mg_worker_t *w = l->w;
+  if (w->reject_busy) {
+    w->reject_waiting = l;
+    return;
+  }
+  w->reject_busy = 1;
+  uv_tcp_init(&w->loop, &w->reject);
+  w->reject.data = w;
+  uv_accept((uv_stream_t *)&l->handle, (uv_stream_t *)&w->reject);
+  uv_close((uv_handle_t *)&w->reject, on_reject_closed);
+  mg_log_error("out of memory: refused a connection on port %d", l->conf->port);
+}
+
 void mg_server_on_connection(uv_stream_t *server, int status) {
   mg_listener_t *l = container_of(server, mg_listener_t, handle);
   mg_worker_t *w = l->w;
@@ -823,7 +848,10 @@ void mg_server_on_connection(uv_stream_t *server, int status) {
     return;
   }
   mg_conn_t *c = calloc(1, sizeof *c);
-  if (!c) return;
+  if (!c) {
+    reject_connection(l);
+    return;
+  }
   uv_tcp_init(&w->loop, &c->tcp);
   uv_timer_init(&w->loop, &c->timer);
   c->tcp.data = c->timer.data = c;

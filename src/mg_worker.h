@@ -41,6 +41,9 @@ typedef struct mg_worker {
   uv_timer_t drain_timer;
   uint64_t requests;            /* requests started (request ids) */
   char id_prefix[17];           /* random per worker: request ids are prefix + counter */
+  uv_tcp_t reject;              /* accepts (and closes) a connection when memory runs out */
+  int reject_busy;
+  mg_listener_t *reject_waiting;
   struct mg_request *spare;     /* finished requests kept for reuse (their buffers too) */
   size_t nspare;
   char readbuf[MG_READ_BUF_SIZE];
