@@ -1,0 +1,448 @@
+/* test_lua_json: mg.json driven through a real lua_State, as scripts will use it (the module is
+ * a global `json`), plus mg_json_encode_value from C and behaviour under a memory cap. Each
+ * test gets a fresh state, closed by RUN, so LeakSanitizer sees anything the module leaked. */
+
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+
+#include "mg_buf.h"
+#include "mg_lua_json.h"
+#include "mg_test.h"
+
+/* ------------------------------------------------------------------------------------------
+ * Helpers
+ * ---------------------------------------------------------------------------------------- */
+
+static lua_State *L;
+
+static void open_state(void) {
+  L = luaL_newstate();
+  luaL_openlibs(L);
+  luaopen_mg_json(L);
+  lua_setglobal(L, "json");
+}
+
+/* Runs a test, then closes its state whether it passed or not. */
+#define RUN(fn)                 \
+  do {                          \
+    MG_RUN(fn);                 \
+    if (L) lua_close(L);        \
+    L = NULL;                   \
+  } while (0)
+
+static char result[1 << 12];
+static size_t result_len;
+
+/* Runs CODE and leaves its results on an emptied stack; fails the test on a Lua error. */
+static void run(const char *code) {
+  lua_settop(L, 0);
+  if (luaL_loadbuffer(L, code, strlen(code), "=t") || lua_pcall(L, 0, LUA_MULTRET, 0))
+    MG_FAIL("lua error: %s\n    in: %s", lua_tostring(L, -1), code);
+}
+
+/* Evaluates EXPR and returns its first result, which must be a string (a static copy). */
+static const char *str(const char *expr) {
+  char code[4096];
+  snprintf(code, sizeof code, "return %s", expr);
+  run(code);
+  if (lua_type(L, 1) != LUA_TSTRING)
+    MG_FAIL("%s returned a %s, not a string", expr, luaL_typename(L, 1));
+  const char *s = lua_tolstring(L, 1, &result_len);
+  if (result_len >= sizeof result) MG_FAIL("%s: result too long for the helper", expr);
+  memcpy(result, s, result_len + 1);
+  return result;
+}
+
+/* Evaluates EXPR and returns whether its first result is true (not just truthy). */
+static int is_true(const char *expr) {
+  char code[4096];
+  snprintf(code, sizeof code, "return %s", expr);
+  run(code);
+  return lua_type(L, 1) == LUA_TBOOLEAN && lua_toboolean(L, 1);
+}
+
+/* Runs CODE, which must raise; returns the error message. Chunks are named "t", so an error
+ * raised by the module carries the script position of the call, "t:1: ...", as users see it. */
+static const char *error_of(const char *code) {
+  lua_settop(L, 0);
+  if (luaL_loadbuffer(L, code, strlen(code), "=t")) MG_FAIL("syntax: %s", lua_tostring(L, -1));
+  if (lua_pcall(L, 0, 0, 0) == 0) MG_FAIL("no error from: %s", code);
+  const char *s = lua_tostring(L, -1);
+  snprintf(result, sizeof result, "%s", s ? s : "(not a string)");
+  return result;
+}
+
+#define CHECK_TRUE(expr) \
+  do { if (!is_true(expr)) MG_FAIL("not true: %s", expr); } while (0)
+
+/* ------------------------------------------------------------------------------------------
+ * Encoding
+ * ---------------------------------------------------------------------------------------- */
+
+static void test_encode_scalars(void) {
+  open_state();
+  MG_CHECK_STR(str("json.encode(nil)"), "null");
+  MG_CHECK_STR(str("json.encode()"), "null");
+  MG_CHECK_STR(str("json.encode(json.null)"), "null");
+  MG_CHECK_STR(str("json.encode(true)"), "true");
+  MG_CHECK_STR(str("json.encode(false)"), "false");
+  MG_CHECK_STR(str("json.encode('')"), "\"\"");
+  MG_CHECK_STR(str("json.encode('hi')"), "\"hi\"");
+  MG_CHECK_STR(error_of("json.encode(print)"), "t:1: cannot encode function");
+  MG_CHECK_STR(error_of("json.encode(coroutine.create(print))"), "t:1: cannot encode thread");
+  MG_CHECK_STR(error_of("json.encode(io.stdout)"), "t:1: cannot encode userdata");
+}
+
+static void test_encode_numbers(void) {
+  open_state();
+  MG_CHECK_STR(str("json.encode(1)"), "1");
+  MG_CHECK_STR(str("json.encode(-1)"), "-1");
+  MG_CHECK_STR(str("json.encode(0)"), "0");
+  MG_CHECK_STR(str("json.encode(-0.0)"), "0");
+  MG_CHECK_STR(str("json.encode(1.5)"), "1.5");
+  MG_CHECK_STR(str("json.encode(0.1)"), "0.1");
+  MG_CHECK_STR(str("json.encode(9.99)"), "9.99");
+  MG_CHECK_STR(str("json.encode(1/3)"), "0.3333333333333333");
+  MG_CHECK_STR(str("json.encode(1e300)"), "1e+300");
+  MG_CHECK_STR(str("json.encode(-1e-7)"), "-1e-07");
+  MG_CHECK_STR(str("json.encode(2^53)"), "9007199254740992");
+  MG_CHECK_STR(str("json.encode(-2^53)"), "-9007199254740992");
+  /* Past 2^53 an integral double is printed in its shortest exact form, not as %lld. */
+  MG_CHECK_STR(str("json.encode(2^53 + 2)"), "9007199254740994");
+  MG_CHECK_STR(str("json.encode(2^64)"), "1.8446744073709552e+19");
+  MG_CHECK_STR(str("json.encode(123456789.125)"), "123456789.125");
+  /* Every printed form reads back to the same double. */
+  CHECK_TRUE("(function() for _, x in ipairs{0.1, 1/3, 2/3, 1e-300, 5e-324, 1.7976931348623157e308,"
+             " 123.456, -9.87654321e-5} do if tonumber(json.encode(x)) ~= x then return x end end"
+             " return true end)()");
+  MG_CHECK_STR(error_of("json.encode(0/0)"), "t:1: cannot encode NaN");
+  MG_CHECK_STR(error_of("json.encode(math.huge)"), "t:1: cannot encode Inf");
+  MG_CHECK_STR(error_of("json.encode({x = -math.huge})"), "t:1: cannot encode Inf");
+}
+
+static void test_encode_strings(void) {
+  open_state();
+  MG_CHECK_STR(str("json.encode('a\"b\\\\c/d')"), "\"a\\\"b\\\\c/d\"");
+  MG_CHECK_STR(str("json.encode('\\n\\r\\t\\b\\f')"), "\"\\n\\r\\t\\b\\f\"");
+  MG_CHECK_STR(str("json.encode('\\0\\1\\31\\127')"), "\"\\u0000\\u0001\\u001F\x7f\"");
+  /* Valid UTF-8 of every length passes through as is. */
+  MG_CHECK_STR(str("json.encode('h\\195\\169 \\226\\152\\131 \\240\\159\\152\\128')"),
+               "\"h\xc3\xa9 \xe2\x98\x83 \xf0\x9f\x98\x80\"");
+  MG_CHECK_STR(str("json.encode({['k\\195\\169'] = 'v'})"), "{\"k\xc3\xa9\":\"v\"}");
+}
+
+static void test_encode_invalid_utf8(void) {
+  open_state();
+  MG_CHECK_STR(error_of("json.encode('ab\\255')"), "t:1: invalid UTF-8 at byte 3");
+  MG_CHECK_STR(error_of("json.encode('\\128')"), "t:1: invalid UTF-8 at byte 1");
+  MG_CHECK_STR(error_of("json.encode('ok \\192\\128')"), "t:1: invalid UTF-8 at byte 4");    /* overlong */
+  MG_CHECK_STR(error_of("json.encode('\\224\\128\\128')"), "t:1: invalid UTF-8 at byte 1");  /* overlong */
+  MG_CHECK_STR(error_of("json.encode('x\\237\\160\\128')"), "t:1: invalid UTF-8 at byte 2"); /* surrogate */
+  MG_CHECK_STR(error_of("json.encode('\\244\\144\\128\\128')"), "t:1: invalid UTF-8 at byte 1"); /* > U+10FFFF */
+  MG_CHECK_STR(error_of("json.encode('x\\226\\130')"), "t:1: invalid UTF-8 at byte 2");     /* truncated */
+  MG_CHECK_STR(error_of("json.encode('\\226\\40\\161')"), "t:1: invalid UTF-8 at byte 1");  /* bad continuation */
+  MG_CHECK_STR(error_of("json.encode({['k\\255'] = 1})"), "t:1: invalid UTF-8 at byte 2");
+  MG_CHECK_STR(error_of("json.encode({{'ok', 'bad\\255'}})"), "t:1: invalid UTF-8 at byte 4");
+}
+
+static void test_encode_tables(void) {
+  open_state();
+  MG_CHECK_STR(str("json.encode({1, 2, 3})"), "[1,2,3]");
+  MG_CHECK_STR(str("json.encode({'a', true, json.null, false})"), "[\"a\",true,null,false]");
+  MG_CHECK_STR(str("json.encode({a = 1})"), "{\"a\":1}");
+  MG_CHECK_STR(str("json.encode({a = {1, {b = json.null}}, })"), "{\"a\":[1,{\"b\":null}]}");
+  /* Keys filled in any order still make an array. */
+  MG_CHECK_STR(str("json.encode((function() local t = {} t[3] = 'c' t[1] = 'a' t[2] = 'b' return t end)())"),
+               "[\"a\",\"b\",\"c\"]");
+  /* Empty: an object unless marked. */
+  MG_CHECK_STR(str("json.encode({})"), "{}");
+  MG_CHECK_STR(str("json.encode(json.array({}))"), "[]");
+  MG_CHECK_STR(str("json.encode(json.array())"), "[]");
+  MG_CHECK_STR(str("json.encode(setmetatable({}, json.array_mt))"), "[]");
+  CHECK_TRUE("json.encode({list = json.array(), map = {}}) == '{\"list\":[],\"map\":{}}' or "
+             "json.encode({list = json.array(), map = {}}) == '{\"map\":{},\"list\":[]}'");
+  /* The mark returns the same table and only matters while it is empty. */
+  CHECK_TRUE("(function() local t = {} return json.array(t) == t end)()");
+  MG_CHECK_STR(str("json.encode(json.array({7}))"), "[7]");
+  MG_CHECK_STR(str("json.encode(json.array({x = 1}))"), "{\"x\":1}");
+  MG_CHECK_STR(error_of("json.array(setmetatable({}, {}))"),
+               "t:1: bad argument #1 to 'array' (table already has a metatable)");
+  MG_CHECK_STR(error_of("json.array(1)"), "t:1: bad argument #1 to 'array' (table expected, got number)");
+  /* Anything but keys 1..n is an object, and an object's keys must be strings. */
+  MG_CHECK_STR(error_of("json.encode({1, nil, 3})"), "t:1: object key must be a string");
+  MG_CHECK_STR(error_of("json.encode({1, 2, x = 3})"), "t:1: object key must be a string");
+  MG_CHECK_STR(error_of("json.encode({[0] = 'zero'})"), "t:1: object key must be a string");
+  MG_CHECK_STR(error_of("json.encode({[1.5] = 1})"), "t:1: object key must be a string");
+  MG_CHECK_STR(error_of("json.encode({[true] = 1})"), "t:1: object key must be a string");
+  MG_CHECK_STR(error_of("json.encode({[1] = 1, [2] = 2, [4] = 4})"), "t:1: object key must be a string");
+  /* Metamethods are not consulted: the raw contents are what encodes. */
+  MG_CHECK_STR(str("json.encode(setmetatable({}, {__index = function() return 1 end, __pairs = error}))"),
+               "{}");
+}
+
+static void test_encode_cycles_and_depth(void) {
+  open_state();
+  MG_CHECK_STR(error_of("local t = {} t.self = t json.encode(t)"),
+               "t:1: cannot encode a table that contains itself");
+  MG_CHECK_STR(error_of("local a = {} local b = {a} a[1] = b json.encode({x = a})"),
+               "t:1: cannot encode a table that contains itself");
+  /* The same table twice side by side is not a cycle. */
+  MG_CHECK_STR(str("(function() local s = {1} return json.encode({s, {s}}) end)()"), "[[1],[[1]]]");
+  /* 100 levels encode; 101 do not. */
+  MG_CHECK_STR(str("(function() local t = 1 for i = 1, 100 do t = {t} end"
+                   " local s = json.encode(t) return s:sub(1, 3) .. #s end)()"),
+               "[[[201");
+  MG_CHECK_STR(error_of("local t = {} for i = 1, 100 do t = {t} end json.encode(t)"),
+               "t:1: nesting deeper than 100");
+  MG_CHECK_STR(error_of("local t = {} for i = 1, 1e5 do t = {a = t} end json.encode(t)"),
+               "t:1: nesting deeper than 100");
+  /* The state is usable after an error. */
+  MG_CHECK_STR(str("json.encode({1})"), "[1]");
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Decoding
+ * ---------------------------------------------------------------------------------------- */
+
+static void test_decode_values(void) {
+  open_state();
+  CHECK_TRUE("json.decode('null') == json.null");
+  CHECK_TRUE("json.decode('true') == true and json.decode('false') == false");
+  CHECK_TRUE("json.decode(' \"x\" ') == 'x'");
+  CHECK_TRUE("json.decode('42') == 42");
+  run("t = json.decode('{\"a\": [1, \"two\", null, {\"b\": false}], \"c\": {}, \"d\": []}')");
+  CHECK_TRUE("t.a[1] == 1 and t.a[2] == 'two' and t.a[3] == json.null and t.a[4].b == false");
+  CHECK_TRUE("#t.a == 4 and next(t.c) == nil and next(t.d) == nil");
+  /* Arrays carry the array metatable, objects none; so empty ones keep their kind. */
+  CHECK_TRUE("getmetatable(t.a) == json.array_mt and getmetatable(t.d) == json.array_mt");
+  CHECK_TRUE("getmetatable(t.c) == nil and getmetatable(t) == nil");
+  MG_CHECK_STR(str("json.encode(json.decode('[]'))"), "[]");
+  MG_CHECK_STR(str("json.encode(json.decode('{}'))"), "{}");
+  MG_CHECK_STR(str("json.encode(json.decode('[[],{},[{}],null]'))"), "[[],{},[{}],null]");
+  MG_CHECK_STR(str("json.encode(json.decode('{\"k\":null}'))"), "{\"k\":null}");
+  /* A duplicate key keeps the last value. */
+  CHECK_TRUE("json.decode('{\"a\":1,\"a\":2}').a == 2");
+  /* json.null is one value, distinct from nil and from every other light userdata. */
+  CHECK_TRUE("type(json.null) == 'userdata' and json.null ~= nil");
+}
+
+static void test_decode_numbers(void) {
+  open_state();
+  CHECK_TRUE("json.decode('1') == 1 and json.decode('-1') == -1");
+  CHECK_TRUE("json.decode('1.5') == 1.5 and json.decode('1e300') == 1e300");
+  CHECK_TRUE("json.decode('-0') == 0 and json.decode('2.5E-3') == 0.0025");
+  CHECK_TRUE("json.decode('9007199254740992') == 2^53");
+  /* Beyond 2^53 an integer becomes the nearest double, as in JSON.parse: 2^53 + 1 is not
+   * representable and rounds to even, 2^53; 2^53 + 2 is exact. */
+  CHECK_TRUE("json.decode('9007199254740993') == 2^53");
+  CHECK_TRUE("json.decode('9007199254740994') == 2^53 + 2");
+  MG_CHECK_STR(str("json.encode(json.decode('[9007199254740993]'))"), "[9007199254740992]");
+  CHECK_TRUE("json.decode('123456789012345678901234567890') == 1.2345678901234568e29");
+  CHECK_TRUE("json.decode('1e-400') == 0");
+  /* A number that does not fit in a double is refused rather than turned into Inf. */
+  run("return json.decode('[1, 1e400]')");
+  MG_CHECK(lua_isnil(L, 1));
+  MG_CHECK_STR(lua_tostring(L, 2), "parse error at byte 9: number out of range");
+  /* A long number (past the decoder's small buffer) reads right. */
+  CHECK_TRUE("json.decode('0.' .. ('0'):rep(100) .. '1e101') == 1");
+}
+
+static void test_decode_strings(void) {
+  open_state();
+  CHECK_TRUE("json.decode('\"a\\\\u0000b\"') == 'a\\0b'");
+  CHECK_TRUE("#json.decode('\"\\\\u0000\"') == 1");
+  CHECK_TRUE("json.decode('\"\\\\u00e9\\\\u2603\"') == '\\195\\169\\226\\152\\131'");
+  CHECK_TRUE("json.decode('\"\\\\ud83d\\\\ude00\"') == '\\240\\159\\152\\128'");
+  CHECK_TRUE("json.decode('\"\\\\\"\\\\\\\\\\\\/\\\\b\\\\f\\\\n\\\\r\\\\t\"') == '\"\\\\/\\b\\f\\n\\r\\t'");
+  CHECK_TRUE("json.decode('\"h\\195\\169\"') == 'h\\195\\169'");
+  /* Round trip of every byte value that is valid UTF-8 on its own, i.e. 0..127. */
+  CHECK_TRUE("(function() local b = {} for i = 0, 127 do b[#b + 1] = string.char(i) end"
+             " local s = table.concat(b) return json.decode(json.encode(s)) == s end)()");
+  run("return json.decode('[\"ok\", \"\\255\"]')");
+  MG_CHECK(lua_isnil(L, 1));
+  MG_CHECK_STR(lua_tostring(L, 2), "parse error at byte 9: invalid bytes in UTF8 string.");
+}
+
+static void test_decode_errors(void) {
+  static const struct { const char *text, *err; } cases[] = {
+    {"", "parse error at byte 0: premature EOF"},
+    {"   ", "parse error at byte 3: premature EOF"},
+    {"[1", "parse error at byte 2: premature EOF"},
+    {"[1,]", "parse error at byte 4: unallowed token at this point in JSON text"},
+    {"{\"a\" 1}", "parse error at byte 6: object key and value must be separated by a colon (':')"},
+    {"{\"a\":1,}", "parse error at byte 8: invalid object key (must be a string)"},
+    {"[1] x", "parse error at byte 5: trailing garbage"},
+    {"[1] [2]", "parse error at byte 5: trailing garbage"},
+    {"[tru]", "parse error at byte 4: invalid string in json text."},
+    {"[1.]", "parse error at byte 3: malformed number, a digit is required after the decimal point."},
+    {"{a:1}", "parse error at byte 2: invalid char in json text."},
+    {"[1] // comment", "parse error at byte 4: trailing garbage"},
+    {"['x']", "parse error at byte 2: invalid char in json text."},
+  };
+  open_state();
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    lua_settop(L, 0);
+    lua_getglobal(L, "json");
+    lua_getfield(L, -1, "decode");
+    lua_pushstring(L, cases[i].text);
+    lua_call(L, 1, LUA_MULTRET);
+    MG_CHECK_INT(lua_gettop(L), 3);
+    if (!lua_isnil(L, 2)) MG_FAIL("decode(%s) succeeded", cases[i].text);
+    MG_CHECK_STR(lua_tostring(L, 3), cases[i].err);
+  }
+  MG_CHECK_STR(error_of("json.decode(nil)"), "t:1: bad argument #1 to 'decode' (string expected, got nil)");
+  MG_CHECK_STR(error_of("json.decode({})"), "t:1: bad argument #1 to 'decode' (string expected, got table)");
+}
+
+static void test_decode_depth(void) {
+  open_state();
+  CHECK_TRUE("#json.encode(json.decode(('['):rep(100) .. (']'):rep(100))) == 200");
+  CHECK_TRUE("json.decode(('{\"a\":'):rep(99) .. '[]' .. ('}'):rep(99)).a.a ~= nil");
+  run("return json.decode(('['):rep(101) .. (']'):rep(101))");
+  MG_CHECK(lua_isnil(L, 1));
+  MG_CHECK_STR(lua_tostring(L, 2), "parse error at byte 101: nesting deeper than 100");
+  /* A hostile document nested a million deep stops at the limit, quickly. */
+  run("return json.decode(('['):rep(1e6))");
+  MG_CHECK(lua_isnil(L, 1));
+  MG_CHECK_STR(lua_tostring(L, 2), "parse error at byte 101: nesting deeper than 100");
+}
+
+static void test_round_trip(void) {
+  open_state();
+  run("function same(a, b)"
+      "  if type(a) ~= type(b) then return false end"
+      "  if type(a) ~= 'table' then return a == b end"
+      "  if getmetatable(a) ~= getmetatable(b) then return false end"
+      "  for k, v in pairs(a) do if not same(v, b[k]) then return false end end"
+      "  for k in pairs(b) do if a[k] == nil then return false end end"
+      "  return true "
+      "end");
+  run("doc = json.decode('{\"id\": 7, \"name\": \"Zo\\\\u00eb \\\\\"Z\\\\\"\", \"tags\": [\"a\", \"b\"],"
+      " \"none\": null, \"empty_list\": [], \"empty_map\": {}, \"ratio\": 0.25, \"neg\": -3e-5,"
+      " \"nested\": {\"deeper\": [[1, 2], [3, [4, {\"k\": true}]]]}}')");
+  CHECK_TRUE("same(doc, json.decode(json.encode(doc)))");
+  CHECK_TRUE("json.encode(doc) == json.encode(json.decode(json.encode(doc)))");
+  CHECK_TRUE("doc.name == 'Zo\\195\\171 \"Z\"' and doc.ratio == 0.25");
+}
+
+static void test_big_inputs(void) {
+  open_state();
+  clock_t start = clock();
+  /* A 1 MiB array of numbers: decode, count, re-encode to the same text. */
+  run("local parts = {} for i = 1, 131072 do parts[i] = '1234567' end"
+      " big = '[' .. table.concat(parts, ',') .. ']'");
+  CHECK_TRUE("#big == 1048577");
+  CHECK_TRUE("#json.decode(big) == 131072");
+  CHECK_TRUE("json.encode(json.decode(big)) == big");
+  /* A 1 MiB string full of characters that need escaping. */
+  CHECK_TRUE("(function() local s = ('\"\\n\\0a'):rep(262144) local e = json.encode(s)"
+             " return #e == 2 + 262144 * 11 and json.decode(e) == s end)()");
+  /* An object with 100,000 keys. */
+  CHECK_TRUE("(function() local t = {} for i = 1, 1e5 do t['k' .. i] = i end"
+             " local d = json.decode(json.encode(t)) return d.k1 == 1 and d.k100000 == 1e5 end)()");
+  double secs = (double)(clock() - start) / CLOCKS_PER_SEC;
+  if (secs > 20) MG_FAIL("big inputs took %.1f s", secs);
+}
+
+/* ------------------------------------------------------------------------------------------
+ * From C, and under a memory cap
+ * ---------------------------------------------------------------------------------------- */
+
+static void test_c_encode_value(void) {
+  open_state();
+  mg_buf_t buf;
+  char err[64];
+  mg_buf_init(&buf);
+  mg_buf_puts(&buf, "body=");
+  run("return {a = {1, 2, json.array()}}, 0/0, 'x'");
+  MG_CHECK_INT(mg_json_encode_value(L, 1, &buf, err, sizeof err), 0);
+  MG_CHECK_MEM(buf.data, buf.len, "body={\"a\":[1,2,[]]}");
+  MG_CHECK_INT(lua_gettop(L), 3);
+  /* A negative index, appended after what is there. */
+  MG_CHECK_INT(mg_json_encode_value(L, -1, &buf, err, sizeof err), 0);
+  MG_CHECK_MEM(buf.data, buf.len, "body={\"a\":[1,2,[]]}\"x\"");
+  MG_CHECK_STR(err, "");
+  /* A failure leaves the buffer and the stack as they were. */
+  size_t len = buf.len;
+  MG_CHECK_INT(mg_json_encode_value(L, 2, &buf, err, sizeof err), -1);
+  MG_CHECK_STR(err, "cannot encode NaN");
+  MG_CHECK_INT(buf.len, len);
+  MG_CHECK_INT(lua_gettop(L), 3);
+  run("local t = {1, 2, {3, {}}} t[3][2][1] = t return t");
+  MG_CHECK_INT(mg_json_encode_value(L, 1, &buf, err, sizeof err), -1);
+  MG_CHECK_STR(err, "cannot encode a table that contains itself");
+  MG_CHECK_INT(buf.len, len);
+  MG_CHECK_INT(lua_gettop(L), 1);
+  /* A short error buffer truncates, still terminated. */
+  char tiny[8];
+  MG_CHECK_INT(mg_json_encode_value(L, 1, &buf, tiny, sizeof tiny), -1);
+  MG_CHECK_STR(tiny, "cannot ");
+  mg_buf_dispose(&buf);
+}
+
+static size_t cap_used, cap_limit;
+
+/* An allocator that refuses to go past cap_limit bytes, like the worker's per-VM cap. */
+static void *capped_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  if (nsize == 0) {
+    free(ptr);
+    cap_used -= ptr ? osize : 0;
+    return NULL;
+  }
+  size_t old = ptr ? osize : 0;
+  if (nsize > old && cap_used + (nsize - old) > cap_limit) return NULL;
+  void *p = realloc(ptr, nsize);
+  if (p) cap_used = cap_used - old + nsize;
+  return p;
+}
+
+static void test_memory_cap(void) {
+  cap_used = 0;
+  cap_limit = 24 << 20;
+  L = lua_newstate(capped_alloc, NULL);
+  MG_CHECK(L != NULL);
+  luaL_openlibs(L);
+  luaopen_mg_json(L);
+  lua_setglobal(L, "json");
+  /* Decoding a document whose Lua form exceeds the cap raises "not enough memory" from
+   * inside the parser; the yajl handle is freed by the guard (LeakSanitizer checks). */
+  run("text = '[' .. ('{\"k\":[1,2,3]},'):rep(300000) .. '0]'");
+  MG_CHECK_STR(error_of("json.decode(text)"), "not enough memory");
+  /* The half-built document is garbage once the error is caught; the worker collects it
+   * when it drops the request. Then the state carries on. */
+  lua_settop(L, 0);
+  lua_pushnil(L);
+  lua_setglobal(L, "text");
+  lua_gc(L, LUA_GCCOLLECT, 0);
+  if (cap_used > (2 << 20)) MG_FAIL("%zu bytes in use after a full GC", cap_used);
+  /* Encoding output that does not fit in a Lua string raises the same way. */
+  run("t = {} for i = 1, 14 do t[i] = ('x'):rep(2^20 + i) end");
+  const char *e = error_of("json.encode(t)");
+  MG_CHECK_STR(e, "not enough memory");
+  run("t = nil collectgarbage()");
+  MG_CHECK_STR(str("json.encode(json.decode('[1,{}]'))"), "[1,{}]");
+}
+
+int main(void) {
+  RUN(test_encode_scalars);
+  RUN(test_encode_numbers);
+  RUN(test_encode_strings);
+  RUN(test_encode_invalid_utf8);
+  RUN(test_encode_tables);
+  RUN(test_encode_cycles_and_depth);
+  RUN(test_decode_values);
+  RUN(test_decode_numbers);
+  RUN(test_decode_strings);
+  RUN(test_decode_errors);
+  RUN(test_decode_depth);
+  RUN(test_round_trip);
+  RUN(test_big_inputs);
+  RUN(test_c_encode_value);
+  RUN(test_memory_cap);
+  return mg_test_summary();
+}

@@ -1,0 +1,526 @@
+/* mg_lua_json: `mg.json` on yajl (see mg_lua_json.h for the mapping between Lua and JSON).
+ *
+ * Encoding walks the Lua value with raw access and feeds yajl_gen, whose print callback
+ * appends to an mg_buf, so C callers get JSON text without a Lua string in between. Strings
+ * are checked for UTF-8 here rather than by yajl_gen_validate_utf8, because the error must
+ * say where the bad byte is. Decoding runs yajl's callback parser and builds the Lua value on
+ * the Lua stack as the events arrive: no intermediate tree.
+ *
+ * A Lua allocation can raise "not enough memory" at any point (the worker caps each VM's
+ * memory), which would longjmp past our free() calls. So the yajl handles and the output
+ * buffer of the Lua-facing functions live in a small userdata with a __gc that frees them:
+ * an error raised halfway leaks nothing. */
+#include "mg_lua_json.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lauxlib.h>
+#include <yajl/yajl_gen.h>
+#include <yajl/yajl_parse.h>
+
+/* Registry keys and the null sentinel: the addresses are what matter, never the contents. */
+static const char array_mt_key;
+static const char guard_mt_key;
+static const char null_sentinel;
+
+/* 2^53: every integer up to here is exact as a double, so it can print as an integer. */
+#define MAX_EXACT_INT 9007199254740992.0
+
+/* Enough Lua stack for the deepest walk: at most two slots (key and value) per level. */
+#define STACK_NEED (2 * (MAX_JSON_LEVELS) + 8)
+#define MAX_JSON_LEVELS (MG_JSON_MAX_DEPTH + 1)
+
+/* ------------------------------------------------------------------------------------------
+ * Shared pieces
+ * ---------------------------------------------------------------------------------------- */
+
+/* What a Lua-facing call holds outside Lua's heap; freed by hand on the normal path and by
+ * __gc if an error unwinds past us. */
+typedef struct json_guard {
+  yajl_gen gen;
+  yajl_handle parser;
+  mg_buf_t buf;
+} json_guard_t;
+
+static int on_guard_gc(lua_State *L) {
+  json_guard_t *g = lua_touserdata(L, 1);
+  if (g->gen) yajl_gen_free(g->gen);
+  if (g->parser) yajl_free(g->parser);
+  mg_buf_dispose(&g->buf);
+  g->gen = NULL;
+  g->parser = NULL;
+  return 0;
+}
+
+static json_guard_t *push_guard(lua_State *L) {
+  json_guard_t *g = lua_newuserdata(L, sizeof *g);
+  g->gen = NULL;
+  g->parser = NULL;
+  mg_buf_init(&g->buf);
+  lua_pushlightuserdata(L, (void *)&guard_mt_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  lua_setmetatable(L, -2);
+  return g;
+}
+
+/* Pushes the array metatable, creating it in the registry the first time. */
+static void push_array_mt(lua_State *L) {
+  lua_pushlightuserdata(L, (void *)&array_mt_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (!lua_isnil(L, -1)) return;
+  lua_pop(L, 1);
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "array");
+  lua_setfield(L, -2, "__jsontype");
+  lua_pushlightuserdata(L, (void *)&array_mt_key);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+void mg_json_push_null(lua_State *L) { lua_pushlightuserdata(L, (void *)&null_sentinel); }
+
+static int is_null(lua_State *L, int idx) {
+  return lua_type(L, idx) == LUA_TLIGHTUSERDATA && lua_touserdata(L, idx) == &null_sentinel;
+}
+
+/* Returns the offset of the first byte that does not start a well-formed UTF-8 sequence
+ * (RFC 3629: no overlong forms, no surrogates, nothing above U+10FFFF), or LEN when all is
+ * well. */
+static size_t utf8_check(const unsigned char *s, size_t len) {
+  size_t i = 0;
+  while (i < len) {
+    unsigned c = s[i];
+    if (c < 0x80) {
+      i++;
+      continue;
+    }
+    size_t need;
+    unsigned lo = 0x80, hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) {
+      need = 1;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      need = 2;
+      if (c == 0xE0) lo = 0xA0; /* overlong */
+      if (c == 0xED) hi = 0x9F; /* surrogates */
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      need = 3;
+      if (c == 0xF0) lo = 0x90; /* overlong */
+      if (c == 0xF4) hi = 0x8F; /* above U+10FFFF */
+    } else {
+      return i;
+    }
+    if (len - i <= need) return i;
+    if (s[i + 1] < lo || s[i + 1] > hi) return i;
+    for (size_t k = 2; k <= need; k++)
+      if ((s[i + k] & 0xC0) != 0x80) return i;
+    i += need + 1;
+  }
+  return len;
+}
+
+/* Writes the shortest "%.Ng" form of D that reads back as D (15 digits suffice for most
+ * values, 17 always do). Returns the length. */
+static int format_double(char *buf, size_t size, double d) {
+  int len = 0;
+  for (int prec = 15; prec <= 17; prec++) {
+    len = snprintf(buf, size, "%.*g", prec, d);
+    if (prec == 17 || strtod(buf, NULL) == d) break;
+  }
+  return len;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Encoding
+ * ---------------------------------------------------------------------------------------- */
+
+typedef struct encoder {
+  lua_State *L;
+  yajl_gen gen;
+  mg_buf_t *out;
+  int oom;
+  int array_mt; /* stack index of the array metatable (nil when none exists yet) */
+  int depth;
+  const void *open[MAX_JSON_LEVELS]; /* the tables being encoded, outermost first */
+  char *err;
+  size_t errlen;
+} encoder_t;
+
+static void on_print(void *ctx, const char *s, size_t len) {
+  encoder_t *e = ctx;
+  if (!e->oom && mg_buf_append(e->out, s, len) != 0) e->oom = 1;
+}
+
+static int fail(encoder_t *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int fail(encoder_t *e, const char *fmt, ...) {
+  if (e->errlen) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->err, e->errlen, fmt, ap);
+    va_end(ap);
+  }
+  return -1;
+}
+
+static int gen_ok(encoder_t *e, yajl_gen_status st) {
+  return st == yajl_gen_status_ok ? 0 : fail(e, "json generator error %d", (int)st);
+}
+
+static int encode_string(encoder_t *e, int idx) {
+  size_t len;
+  const char *s = lua_tolstring(e->L, idx, &len);
+  size_t bad = utf8_check((const unsigned char *)s, len);
+  if (bad != len) return fail(e, "invalid UTF-8 at byte %zu", bad + 1);
+  return gen_ok(e, yajl_gen_string(e->gen, (const unsigned char *)s, len));
+}
+
+static int encode_number(encoder_t *e, double d) {
+  char buf[40];
+  int len;
+  if (isnan(d)) return fail(e, "cannot encode NaN");
+  if (isinf(d)) return fail(e, "cannot encode Inf");
+  if (d == floor(d) && fabs(d) <= MAX_EXACT_INT)
+    len = snprintf(buf, sizeof buf, "%lld", (long long)d);
+  else
+    len = format_double(buf, sizeof buf, d);
+  return gen_ok(e, yajl_gen_number(e->gen, buf, (size_t)len));
+}
+
+static int encode_value(encoder_t *e, int idx);
+
+/* Decides how the table at T encodes: returns N > 0 for an array of N elements (its keys are
+ * exactly 1..N), 0 for an object, -1 for an empty table marked as an array. */
+static long long classify(encoder_t *e, int t) {
+  lua_State *L = e->L;
+  long long count = 0;
+  double max = 0;
+  lua_pushnil(L);
+  while (lua_next(L, t)) {
+    lua_pop(L, 1);
+    double k;
+    if (lua_type(L, -1) != LUA_TNUMBER || (k = lua_tonumber(L, -1)) < 1 || k != floor(k) ||
+        k > MAX_EXACT_INT) {
+      lua_pop(L, 1);
+      return 0;
+    }
+    count++;
+    if (k > max) max = k;
+  }
+  if (count > 0) return (double)count == max ? count : 0;
+  if (lua_getmetatable(L, t)) {
+    int marked = lua_rawequal(L, -1, e->array_mt);
+    lua_pop(L, 1);
+    if (marked) return -1;
+  }
+  return 0;
+}
+
+static int encode_table(encoder_t *e, int t) {
+  lua_State *L = e->L;
+  const void *self = lua_topointer(L, t);
+  for (int i = 0; i < e->depth; i++)
+    if (e->open[i] == self) return fail(e, "cannot encode a table that contains itself");
+  if (e->depth == MG_JSON_MAX_DEPTH) return fail(e, "nesting deeper than %d", MG_JSON_MAX_DEPTH);
+  e->open[e->depth++] = self;
+
+  long long n = classify(e, t);
+  if (n != 0) {
+    if (gen_ok(e, yajl_gen_array_open(e->gen))) return -1;
+    for (long long i = 1; i <= n; i++) {
+      lua_rawgeti(L, t, (int)i);
+      if (encode_value(e, lua_gettop(L))) return -1;
+      lua_pop(L, 1);
+    }
+    if (gen_ok(e, yajl_gen_array_close(e->gen))) return -1;
+  } else {
+    if (gen_ok(e, yajl_gen_map_open(e->gen))) return -1;
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+      if (lua_type(L, -2) != LUA_TSTRING) return fail(e, "object key must be a string");
+      if (encode_string(e, -2) || encode_value(e, lua_gettop(L))) return -1;
+      lua_pop(L, 1);
+    }
+    if (gen_ok(e, yajl_gen_map_close(e->gen))) return -1;
+  }
+  e->depth--;
+  return 0;
+}
+
+/* IDX is absolute. On failure the stack may hold leftovers; the caller resets it. */
+static int encode_value(encoder_t *e, int idx) {
+  lua_State *L = e->L;
+  switch (lua_type(L, idx)) {
+  case LUA_TNIL:
+    return gen_ok(e, yajl_gen_null(e->gen));
+  case LUA_TBOOLEAN:
+    return gen_ok(e, yajl_gen_bool(e->gen, lua_toboolean(L, idx)));
+  case LUA_TNUMBER:
+    return encode_number(e, lua_tonumber(L, idx));
+  case LUA_TSTRING:
+    return encode_string(e, idx);
+  case LUA_TTABLE:
+    return encode_table(e, idx);
+  case LUA_TLIGHTUSERDATA:
+    if (is_null(L, idx)) return gen_ok(e, yajl_gen_null(e->gen));
+    /* fall through */
+  default:
+    return fail(e, "cannot encode %s", luaL_typename(L, idx));
+  }
+}
+
+int mg_json_encode_value(lua_State *L, int idx, mg_buf_t *out, char *err, size_t errlen) {
+  if (errlen) err[0] = '\0';
+  if (idx < 0 && idx > LUA_REGISTRYINDEX) idx = lua_gettop(L) + idx + 1;
+  int base = lua_gettop(L);
+  size_t old_len = out->len;
+  encoder_t e = {.L = L, .out = out, .err = err, .errlen = errlen};
+
+  /* Everything that can raise (stack growth, the registry lookup) happens before the
+   * generator is allocated, so an out-of-memory error here leaks nothing. */
+  if (!lua_checkstack(L, STACK_NEED)) return fail(&e, "stack overflow");
+  push_array_mt(L);
+  e.array_mt = lua_gettop(L);
+  e.gen = yajl_gen_alloc(NULL);
+  if (!e.gen) {
+    lua_settop(L, base);
+    return fail(&e, "out of memory");
+  }
+  yajl_gen_config(e.gen, yajl_gen_print_callback, on_print, &e);
+
+  int rc = encode_value(&e, idx);
+  if (rc == 0 && e.oom) rc = fail(&e, "out of memory");
+  yajl_gen_free(e.gen);
+  lua_settop(L, base);
+  if (rc != 0) out->len = old_len;
+  return rc;
+}
+
+/* json.encode(value) -> string; raises on values JSON cannot hold. */
+static int l_encode(lua_State *L) {
+  char err[128];
+  lua_settop(L, 1);
+  json_guard_t *g = push_guard(L);
+  if (mg_json_encode_value(L, 1, &g->buf, err, sizeof err) != 0) {
+    mg_buf_dispose(&g->buf);
+    return luaL_error(L, "%s", err);
+  }
+  lua_pushlstring(L, g->buf.data, g->buf.len);
+  mg_buf_dispose(&g->buf);
+  return 1;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Decoding
+ * ---------------------------------------------------------------------------------------- */
+
+/* The value being built sits on the Lua stack: for each open container, the container and,
+ * inside an object, the pending key. A finished value is stored into the container below it. */
+typedef struct decoder {
+  lua_State *L;
+  int array_mt;
+  int depth;
+  const char *abort; /* why a callback stopped the parse, or NULL */
+  int is_array[MAX_JSON_LEVELS];
+  int count[MAX_JSON_LEVELS];
+} decoder_t;
+
+static int add_value(decoder_t *d) {
+  if (d->depth == 0) return 1;
+  int top = d->depth - 1;
+  if (d->is_array[top])
+    lua_rawseti(d->L, -2, ++d->count[top]);
+  else
+    lua_rawset(d->L, -3);
+  return 1;
+}
+
+static int on_null(void *ctx) {
+  decoder_t *d = ctx;
+  mg_json_push_null(d->L);
+  return add_value(d);
+}
+
+static int on_boolean(void *ctx, int b) {
+  decoder_t *d = ctx;
+  lua_pushboolean(d->L, b);
+  return add_value(d);
+}
+
+static int on_number(void *ctx, const char *s, size_t len) {
+  decoder_t *d = ctx;
+  char small[64];
+  char *buf = len < sizeof small ? small : malloc(len + 1);
+  if (!buf) {
+    d->abort = "out of memory";
+    return 0;
+  }
+  memcpy(buf, s, len);
+  buf[len] = '\0';
+  double v = strtod(buf, NULL);
+  if (buf != small) free(buf);
+  if (isinf(v)) {
+    d->abort = "number out of range";
+    return 0;
+  }
+  lua_pushnumber(d->L, v);
+  return add_value(d);
+}
+
+static int on_string(void *ctx, const unsigned char *s, size_t len) {
+  decoder_t *d = ctx;
+  lua_pushlstring(d->L, (const char *)s, len);
+  return add_value(d);
+}
+
+static int open_container(decoder_t *d, int is_array) {
+  if (d->depth == MG_JSON_MAX_DEPTH) {
+    d->abort = "nesting deeper than 100";
+    return 0;
+  }
+  lua_createtable(d->L, 0, 0);
+  if (is_array) {
+    lua_pushvalue(d->L, d->array_mt);
+    lua_setmetatable(d->L, -2);
+  }
+  d->is_array[d->depth] = is_array;
+  d->count[d->depth] = 0;
+  d->depth++;
+  return 1;
+}
+
+static int close_container(decoder_t *d) {
+  d->depth--;
+  return add_value(d);
+}
+
+static int on_start_map(void *ctx) { return open_container(ctx, 0); }
+static int on_start_array(void *ctx) { return open_container(ctx, 1); }
+static int on_end(void *ctx) { return close_container(ctx); }
+
+static int on_map_key(void *ctx, const unsigned char *s, size_t len) {
+  decoder_t *d = ctx;
+  lua_pushlstring(d->L, (const char *)s, len);
+  return 1;
+}
+
+static const yajl_callbacks decode_callbacks = {
+  .yajl_null = on_null,
+  .yajl_boolean = on_boolean,
+  .yajl_number = on_number,
+  .yajl_string = on_string,
+  .yajl_start_map = on_start_map,
+  .yajl_map_key = on_map_key,
+  .yajl_end_map = on_end,
+  .yajl_start_array = on_start_array,
+  .yajl_end_array = on_end,
+};
+
+/* Pushes "parse error at byte N: MSG" from yajl's message, without its "parse error: " or
+ * "lexical error: " prefix and trailing newline. */
+static void push_parse_error(lua_State *L, yajl_handle h, const char *text, size_t len,
+                             size_t pos) {
+  unsigned char *raw = yajl_get_error(h, 0, (const unsigned char *)text, len);
+  const char *msg = raw ? (const char *)raw : "invalid JSON";
+  const char *colon = strstr(msg, "error: ");
+  if (colon) msg = colon + 7;
+  size_t mlen = strlen(msg);
+  while (mlen && (msg[mlen - 1] == '\n' || msg[mlen - 1] == ' ')) mlen--;
+  lua_pushfstring(L, "parse error at byte %d: ", (int)pos);
+  lua_pushlstring(L, msg, mlen);
+  if (raw) yajl_free_error(h, raw);
+  lua_concat(L, 2);
+}
+
+/* json.decode(text) -> value, or nil, "parse error at byte N: ..." for text that is not JSON.
+ * N counts the bytes the parser had read when it stopped (the input length when the text
+ * ended too early). */
+static int l_decode(lua_State *L) {
+  size_t len;
+  const char *text = luaL_checklstring(L, 1, &len);
+  lua_settop(L, 1);
+  if (!lua_checkstack(L, STACK_NEED)) return luaL_error(L, "stack overflow");
+  push_array_mt(L);
+  json_guard_t *g = push_guard(L);
+  int base = lua_gettop(L);
+
+  decoder_t d = {.L = L, .array_mt = 2};
+  g->parser = yajl_alloc(&decode_callbacks, NULL, &d);
+  if (!g->parser) return luaL_error(L, "out of memory");
+
+  size_t pos = 0;
+  yajl_status st = yajl_parse(g->parser, (const unsigned char *)text, len);
+  if (st != yajl_status_ok) {
+    pos = yajl_get_bytes_consumed(g->parser);
+  } else {
+    st = yajl_complete_parse(g->parser);
+    pos = len;
+  }
+  if (st == yajl_status_ok) {
+    yajl_free(g->parser);
+    g->parser = NULL;
+    return 1;
+  }
+  lua_settop(L, base);
+  lua_pushnil(L);
+  if (d.abort)
+    lua_pushfstring(L, "parse error at byte %d: %s", (int)pos, d.abort);
+  else
+    push_parse_error(L, g->parser, text, len, pos);
+  yajl_free(g->parser);
+  g->parser = NULL;
+  return 2;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The rest of the module
+ * ---------------------------------------------------------------------------------------- */
+
+/* json.array([t]) -> t marked as an array (a new empty one when T is absent), so that it
+ * encodes as [] while empty. A table with some other metatable is refused. */
+static int l_array(lua_State *L) {
+  if (lua_isnoneornil(L, 1)) {
+    lua_settop(L, 0);
+    lua_createtable(L, 0, 0);
+  }
+  luaL_checktype(L, 1, LUA_TTABLE);
+  lua_settop(L, 1);
+  push_array_mt(L);
+  if (lua_getmetatable(L, 1)) {
+    if (!lua_rawequal(L, -1, -2)) return luaL_argerror(L, 1, "table already has a metatable");
+    lua_pop(L, 1);
+  }
+  lua_setmetatable(L, 1);
+  return 1;
+}
+
+int luaopen_mg_json(lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"encode", l_encode},
+    {"decode", l_decode},
+    {"array", l_array},
+    {NULL, NULL},
+  };
+  lua_pushlightuserdata(L, (void *)&guard_mt_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (lua_isnil(L, -1)) {
+    lua_createtable(L, 0, 1);
+    lua_pushcfunction(L, on_guard_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushlightuserdata(L, (void *)&guard_mt_key);
+    lua_insert(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+  }
+  lua_pop(L, 1);
+
+  lua_createtable(L, 0, 5);
+  luaL_register(L, NULL, funcs);
+  mg_json_push_null(L);
+  lua_setfield(L, -2, "null");
+  push_array_mt(L);
+  lua_setfield(L, -2, "array_mt");
+  return 1;
+}
