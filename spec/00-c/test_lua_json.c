@@ -326,7 +326,9 @@ static void test_round_trip(void) {
       " \"none\": null, \"empty_list\": [], \"empty_map\": {}, \"ratio\": 0.25, \"neg\": -3e-5,"
       " \"nested\": {\"deeper\": [[1, 2], [3, [4, {\"k\": true}]]]}}')");
   CHECK_TRUE("same(doc, json.decode(json.encode(doc)))");
-  CHECK_TRUE("json.encode(doc) == json.encode(json.decode(json.encode(doc)))");
+  /* Object keys come out in table order, which differs between two equal tables: compare
+   * the structure (above) and the length, not the text. */
+  CHECK_TRUE("#json.encode(doc) == #json.encode(json.decode(json.encode(doc)))");
   CHECK_TRUE("doc.name == 'Zo\\195\\171 \"Z\"' and doc.ratio == 0.25");
 }
 
