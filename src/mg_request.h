@@ -147,7 +147,10 @@ struct mg_conn {
 
 /* ---- mg_server.c: sockets */
 
-/* Starts accepting on listener L (after uv_tcp_open + uv_listen by the worker). */
+/* Sets up the request parser's callbacks (once per process, before serving). */
+void mg_server_init_parser_settings(void);
+
+/* The listeners' connection callback: accepts one client connection (uv_listen's cb). */
 void mg_server_on_connection(uv_stream_t *server, int status);
 
 /* Writes LEN bytes to the client (copies what cannot be written at once). Returns 0, or -1
@@ -170,11 +173,11 @@ void mg_server_drain(mg_worker_t *w);
 /* Bytes the client still has to read from us. */
 static inline size_t mg_conn_write_queue(const mg_conn_t *c) { return c->write_queued; }
 
-/* The server calls these two on the request lifecycle. */
-/* Called when the request head is complete and valid: routes and runs the phases. */
-void mg_request_start(mg_request_t *req);
-
 /* ---- mg_request.c: lifecycle */
+
+/* Called by the server when the request head is complete and valid: routes and runs the
+ * phases. */
+void mg_request_start(mg_request_t *req);
 
 /* Starts a new request on C (first byte seen). Returns NULL when out of memory. */
 mg_request_t *mg_request_new(mg_conn_t *c);

@@ -451,7 +451,6 @@ static int on_message_complete(llhttp_t *p) {
   return HPE_PAUSED;                         /* one request at a time */
 }
 
-void mg_server_init_parser_settings(void);
 void mg_server_init_parser_settings(void) {
   llhttp_settings_init(&parser_settings);
   parser_settings.on_message_begin = on_message_begin;

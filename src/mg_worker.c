@@ -15,7 +15,6 @@
 #include "mg_upstream.h"
 #include "mg_worker.h"
 
-void mg_server_init_parser_settings(void);
 
 void mg_worker_alloc_cb(uv_handle_t *handle, size_t suggested, uv_buf_t *buf) {
   mg_worker_t *w = handle->loop->data;
