@@ -1,0 +1,578 @@
+/* mg_lua_vm: the sandboxed LuaJIT state of a worker (see mg_lua_vm.h for the sandbox, the CPU
+ * budget and the memory cap).
+ *
+ * Any Lua API call that allocates may raise "not enough memory", and a raise outside a
+ * protected call ends in the panic handler (abort). The cap makes that a real case, so every
+ * allocating step on the main state runs under lua_cpcall, and error reporting runs with
+ * MG_LUA_MEM_RESERVE bytes of headroom above the cap. */
+#include "mg_lua_vm.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <lauxlib.h>
+#include <lualib.h>
+#include <luajit.h>
+
+#include "mg_lua_crypto.h"
+#include "mg_lua_json.h"
+
+struct mg_lua_vm_s {
+  lua_State *L;
+  size_t mem_limit;   /* 0: no cap */
+  size_t used;        /* bytes handed out by on_alloc */
+  int own_alloc;      /* 1: lua_newstate took on_alloc; 0: the luaL_newstate fallback */
+  int reserve;        /* 1 while error reporting may go MG_LUA_MEM_RESERVE over the cap */
+  uint64_t max_insns; /* per resume; 0: no limit */
+  uint64_t max_us;    /* per resume; 0: no limit */
+  int base_ref;       /* the shared base table (also the threads' globals) */
+  int env_mt_ref;     /* {__index = base, __metatable = false} */
+  int mg_ref;         /* the `mg` table */
+};
+
+enum { RUN_NEW, RUN_YIELDED, RUN_DONE, RUN_FAILED };
+
+struct mg_lua_run_s {
+  mg_lua_vm_t *vm;
+  lua_State *co;
+  int ref;              /* registry anchor of co */
+  int state;            /* RUN_* */
+  int exceeded;         /* the budget ran out during the current resume */
+  uint64_t insns;       /* instructions charged during the current resume */
+  uint64_t deadline_ns; /* CLOCK_MONOTONIC end of the current resume's budget */
+  char *error;          /* malloc'd, after MG_LUA_ERROR */
+  char *traceback;      /* malloc'd, after MG_LUA_ERROR */
+  void *data;
+};
+
+/* The run being resumed on this thread. The count hook is global to the Lua state, so this
+ * is how it finds whom to charge. */
+static _Thread_local mg_lua_run_t *tls_run;
+
+static const char budget_msg[] = "script exceeded its CPU budget";
+
+/* The registry key (its address) under which the VM keeps a pointer to itself. */
+static const char vm_key = 0;
+
+static uint64_t now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+__attribute__((format(printf, 3, 4)))
+static void set_err(char *err, size_t errlen, const char *fmt, ...) {
+  if (err == NULL || errlen == 0) return;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(err, errlen, fmt, ap);
+  va_end(ap);
+}
+
+/* ---- allocator and budget hook ------------------------------------------------------- */
+
+/* Grows refuse past the cap; shrinks and frees always succeed (Lua requires it). */
+static void *on_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  mg_lua_vm_t *vm = ud;
+  if (ptr == NULL) osize = 0;
+  if (nsize == 0) {
+    free(ptr);
+    vm->used -= osize;
+    return NULL;
+  }
+  if (nsize > osize && vm->mem_limit > 0) {
+    size_t limit = vm->mem_limit + (vm->reserve ? MG_LUA_MEM_RESERVE : 0);
+    if (vm->used - osize + nsize > limit) return NULL;
+  }
+  void *p = realloc(ptr, nsize);
+  if (p == NULL) return NULL;
+  vm->used = vm->used - osize + nsize;
+  return p;
+}
+
+static size_t gc_bytes(lua_State *L) {
+  return (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024u + (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
+}
+
+/* Charges MG_LUA_HOOK_STEP instructions to the current run and stops it when over budget.
+ * Once over, the hook fires on every instruction, so a script that catches the error with
+ * pcall is stopped again at its next instruction outside the pcall. */
+static void on_hook(lua_State *L, lua_Debug *ar) {
+  mg_lua_run_t *run = tls_run;
+  if (run == NULL) return;
+  mg_lua_vm_t *vm = run->vm;
+  if (!run->exceeded) {
+    run->insns += MG_LUA_HOOK_STEP;
+    if (vm->max_insns > 0 && run->insns > vm->max_insns) run->exceeded = 1;
+    else if (vm->max_us > 0 && now_ns() > run->deadline_ns) run->exceeded = 1;
+    if (!run->exceeded) {
+      if (!vm->own_alloc && vm->mem_limit > 0 && gc_bytes(L) > vm->mem_limit) {
+        luaL_error(L, "not enough memory");
+      }
+      return;
+    }
+    lua_sethook(L, on_hook, LUA_MASKCOUNT, 1);
+  }
+  /* No frame is pushed for a hook in LuaJIT: level 0 is the interrupted Lua function. */
+  luaL_where(L, 0);
+  lua_pushstring(L, budget_msg);
+  lua_concat(L, 2);
+  lua_error(L);
+}
+
+/* ---- sandbox ------------------------------------------------------------------------- */
+
+/* Pushes a fresh chunk environment: its own table, globals read through to the base. */
+static void push_new_env(lua_State *L, mg_lua_vm_t *vm) {
+  lua_createtable(L, 0, 4);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, vm->env_mt_ref);
+  lua_setmetatable(L, -2);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, -2, "_G");
+}
+
+static mg_lua_vm_t *vm_of(lua_State *L) {
+  lua_pushlightuserdata(L, (void *)&vm_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  mg_lua_vm_t *vm = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return vm;
+}
+
+/* Compiles source text and gives it the environment of the Lua function that called load
+ * (a fresh chunk environment when the caller is C, e.g. pcall(load, s)), never the base. */
+static int load_text(lua_State *L, const char *s, size_t len, const char *name) {
+  if (len > 0 && s[0] == '\033') {
+    lua_pushnil(L);
+    lua_pushliteral(L, "bytecode chunks are not allowed in the sandbox");
+    return 2;
+  }
+  if (luaL_loadbufferx(L, s, len, name, "t") != 0) {
+    lua_pushnil(L);
+    lua_insert(L, -2);
+    return 2;
+  }
+  lua_Debug ar;
+  if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "Sf", &ar) && strcmp(ar.what, "C") != 0) {
+    lua_getfenv(L, -1);
+    lua_remove(L, -2);
+  } else {
+    if (lua_getstack(L, 1, &ar)) lua_pop(L, 1); /* the function lua_getinfo pushed */
+    push_new_env(L, vm_of(L));
+  }
+  lua_setfenv(L, -2);
+  return 1;
+}
+
+static int l_loadstring(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  const char *name = luaL_optstring(L, 2, s);
+  return load_text(L, s, len, name);
+}
+
+static int l_load(lua_State *L) {
+  if (lua_type(L, 1) != LUA_TSTRING) {
+    return luaL_error(L, "bad argument #1 to 'load' (only strings are accepted in the sandbox)");
+  }
+  size_t len;
+  const char *s = lua_tolstring(L, 1, &len);
+  return load_text(L, s, len, luaL_optstring(L, 2, "=(load)"));
+}
+
+static int l_collectgarbage(lua_State *L) {
+  const char *opt = luaL_optstring(L, 1, "collect");
+  if (strcmp(opt, "count") != 0) {
+    return luaL_error(L, "collectgarbage(\"%s\") is not available in the sandbox (only \"count\")",
+                      opt);
+  }
+  lua_pushnumber(L, (lua_Number)lua_gc(L, LUA_GCCOUNT, 0) +
+                        (lua_Number)lua_gc(L, LUA_GCCOUNTB, 0) / 1024.0);
+  return 1;
+}
+
+static void open_lib(lua_State *L, lua_CFunction open, const char *name) {
+  lua_pushcfunction(L, open);
+  lua_pushstring(L, name);
+  lua_call(L, 1, 0);
+}
+
+/* Builds the sandbox; runs under lua_cpcall with the VM as its argument. */
+static int setup_cb(lua_State *L) {
+  static const char *const base_names[] = {
+    "assert", "error", "ipairs", "pairs", "next", "pcall", "xpcall", "select", "tonumber",
+    "tostring", "type", "unpack", "rawequal", "rawget", "rawset", "getmetatable",
+    "setmetatable", "_VERSION", "string", "table", "math", "bit", "coroutine", NULL,
+  };
+  static const char *const os_names[] = {"time", "clock", "date", NULL};
+  mg_lua_vm_t *vm = lua_touserdata(L, 1);
+
+  open_lib(L, luaopen_base, "");
+  open_lib(L, luaopen_string, LUA_STRLIBNAME);
+  open_lib(L, luaopen_table, LUA_TABLIBNAME);
+  open_lib(L, luaopen_math, LUA_MATHLIBNAME);
+  open_lib(L, luaopen_bit, LUA_BITLIBNAME);
+  open_lib(L, luaopen_os, LUA_OSLIBNAME);
+
+  lua_getglobal(L, LUA_STRLIBNAME); /* the string metatable's __index: drop dump there */
+  lua_pushnil(L);
+  lua_setfield(L, -2, "dump");
+  lua_pop(L, 1);
+
+  lua_newtable(L); /* base */
+  for (int i = 0; base_names[i] != NULL; i++) {
+    lua_getglobal(L, base_names[i]);
+    lua_setfield(L, -2, base_names[i]);
+  }
+  lua_newtable(L);
+  lua_getglobal(L, LUA_OSLIBNAME);
+  for (int i = 0; os_names[i] != NULL; i++) {
+    lua_getfield(L, -1, os_names[i]);
+    lua_setfield(L, -3, os_names[i]);
+  }
+  lua_pop(L, 1);
+  lua_setfield(L, -2, "os");
+  lua_pushcfunction(L, l_load);
+  lua_setfield(L, -2, "load");
+  lua_pushcfunction(L, l_loadstring);
+  lua_setfield(L, -2, "loadstring");
+  lua_pushcfunction(L, l_collectgarbage);
+  lua_setfield(L, -2, "collectgarbage");
+
+  lua_newtable(L); /* mg */
+  lua_pushcfunction(L, luaopen_mg_json);
+  lua_call(L, 0, 1);
+  lua_setfield(L, -2, "json");
+  lua_pushcfunction(L, luaopen_mg_crypto);
+  lua_call(L, 0, 1);
+  lua_setfield(L, -2, "crypto");
+  lua_pushvalue(L, -1);
+  vm->mg_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_setfield(L, -2, "mg");
+
+  lua_createtable(L, 0, 2); /* the chunk environments' metatable */
+  lua_pushvalue(L, -2);
+  lua_setfield(L, -2, "__index");
+  lua_pushboolean(L, 0);
+  lua_setfield(L, -2, "__metatable");
+  vm->env_mt_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+
+  /* The base becomes the globals of every thread, so the full _G (io, os.execute, ...) that
+   * the library openers filled is no longer reachable and gets collected. */
+  lua_pushvalue(L, -1);
+  lua_replace(L, LUA_GLOBALSINDEX);
+  vm->base_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+
+  lua_pushlightuserdata(L, (void *)&vm_key); /* registry[&vm_key] = vm, for vm_of */
+  lua_pushlightuserdata(L, vm);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+/* ---- VM ---------------------------------------------------------------------------------- */
+
+mg_lua_vm_t *mg_lua_vm_new(size_t mem_limit, char *err, size_t errlen) {
+  mg_lua_vm_t *vm = calloc(1, sizeof(*vm));
+  if (vm == NULL) {
+    set_err(err, errlen, "out of memory");
+    return NULL;
+  }
+  vm->mem_limit = mem_limit;
+  vm->max_us = MG_LUA_DEFAULT_BUDGET_US;
+  vm->own_alloc = 1;
+  vm->L = lua_newstate(on_alloc, vm);
+  if (vm->L == NULL) {
+    vm->own_alloc = 0;
+    vm->L = luaL_newstate();
+  }
+  if (vm->L == NULL) {
+    set_err(err, errlen, "cannot create a Lua state");
+    free(vm);
+    return NULL;
+  }
+  /* See the header: hooks do not fire in traces, so no traces at all. */
+  luaJIT_setmode(vm->L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+  if (lua_cpcall(vm->L, setup_cb, vm) != 0) {
+    set_err(err, errlen, "cannot set up the Lua sandbox: %s", lua_tostring(vm->L, -1));
+    lua_close(vm->L);
+    free(vm);
+    return NULL;
+  }
+  lua_sethook(vm->L, on_hook, LUA_MASKCOUNT, MG_LUA_HOOK_STEP);
+  return vm;
+}
+
+void mg_lua_vm_free(mg_lua_vm_t *vm) {
+  if (vm == NULL) return;
+  lua_close(vm->L);
+  free(vm);
+}
+
+lua_State *mg_lua_vm_state(mg_lua_vm_t *vm) { return vm->L; }
+
+void mg_lua_vm_set_budget(mg_lua_vm_t *vm, uint64_t max_insns, uint64_t max_us) {
+  vm->max_insns = max_insns;
+  vm->max_us = max_us;
+}
+
+size_t mg_lua_vm_mem_used(mg_lua_vm_t *vm) {
+  return vm->own_alloc ? vm->used : gc_bytes(vm->L);
+}
+
+struct reg_ctx {
+  mg_lua_vm_t *vm;
+  const char *name;
+  lua_CFunction fn;
+};
+
+static int register_cb(lua_State *L) {
+  struct reg_ctx *c = lua_touserdata(L, 1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, c->vm->mg_ref);
+  lua_pushcfunction(L, c->fn);
+  lua_setfield(L, -2, c->name);
+  return 0;
+}
+
+int mg_lua_vm_register(mg_lua_vm_t *vm, const char *name, lua_CFunction fn) {
+  struct reg_ctx c = {vm, name, fn};
+  if (lua_cpcall(vm->L, register_cb, &c) != 0) {
+    lua_pop(vm->L, 1);
+    return -1;
+  }
+  return 0;
+}
+
+void mg_lua_vm_unref(mg_lua_vm_t *vm, int ref) { luaL_unref(vm->L, LUA_REGISTRYINDEX, ref); }
+
+/* ---- runs ------------------------------------------------------------------------------ */
+
+static int run_new_cb(lua_State *L) {
+  mg_lua_run_t *run = lua_touserdata(L, 1);
+  run->co = lua_newthread(L);
+  run->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+mg_lua_run_t *mg_lua_run_new(mg_lua_vm_t *vm) {
+  mg_lua_run_t *run = calloc(1, sizeof(*run));
+  if (run == NULL) return NULL;
+  run->vm = vm;
+  run->ref = LUA_NOREF;
+  if (lua_cpcall(vm->L, run_new_cb, run) != 0) {
+    lua_pop(vm->L, 1);
+    free(run);
+    return NULL;
+  }
+  return run;
+}
+
+lua_State *mg_lua_run_thread(mg_lua_run_t *run) { return run->co; }
+
+struct push_ctx {
+  mg_lua_run_t *run;
+  int ref;
+  const char *key;
+  int ok;
+};
+
+static int push_ref_cb(lua_State *L) {
+  struct push_ctx *c = lua_touserdata(L, 1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, c->ref);
+  if (c->key != NULL) {
+    if (!lua_istable(L, -1)) return 0;
+    lua_pushstring(L, c->key);
+    lua_rawget(L, -2);
+  }
+  if (!lua_isfunction(L, -1)) return 0;
+  c->ok = 1;
+  lua_xmove(L, c->run->co, 1);
+  return 0;
+}
+
+int mg_lua_run_push_ref(mg_lua_run_t *run, int ref, const char *key) {
+  struct push_ctx c = {run, ref, key, 0};
+  if (lua_cpcall(run->vm->L, push_ref_cb, &c) != 0) {
+    lua_pop(run->vm->L, 1);
+    return -1;
+  }
+  return c.ok ? 0 : -1;
+}
+
+static char *dup_str(const char *s, size_t n) {
+  char *d = malloc(n + 1);
+  if (d != NULL) {
+    memcpy(d, s, n);
+    d[n] = '\0';
+  }
+  return d;
+}
+
+static int traceback_cb(lua_State *L) {
+  mg_lua_run_t *run = lua_touserdata(L, 1);
+  luaL_traceback(L, run->co, NULL, 0);
+  size_t n;
+  const char *s = lua_tolstring(L, -1, &n);
+  run->traceback = dup_str(s, n);
+  return 0;
+}
+
+/* Turns the coroutine's failure (or a budget overrun it swallowed) into error + traceback. */
+static void record_failure(mg_lua_run_t *run, int rc) {
+  lua_State *co = run->co;
+  char buf[160];
+  const char *msg = buf;
+  size_t n;
+  if (rc == 0 || rc == LUA_YIELD) {
+    msg = budget_msg; /* over budget, but the script caught the error and went on */
+  } else if (lua_type(co, -1) == LUA_TSTRING) {
+    msg = lua_tolstring(co, -1, &n);
+    if (run->exceeded && strstr(msg, budget_msg) == NULL) msg = budget_msg;
+  } else if (lua_type(co, -1) == LUA_TNUMBER) {
+    snprintf(buf, sizeof(buf), "%.14g", (double)lua_tonumber(co, -1));
+  } else {
+    snprintf(buf, sizeof(buf), "(error object is a %s value)", luaL_typename(co, -1));
+  }
+  free(run->error);
+  free(run->traceback);
+  run->error = dup_str(msg, strlen(msg));
+  run->traceback = NULL;
+  run->vm->reserve = 1;
+  if (lua_cpcall(run->vm->L, traceback_cb, run) != 0) lua_pop(run->vm->L, 1);
+  run->vm->reserve = 0;
+  run->state = RUN_FAILED;
+}
+
+mg_lua_status_t mg_lua_vm_resume(mg_lua_run_t *run, int nargs) {
+  lua_State *co = run->co;
+  if (run->state == RUN_YIELDED) {
+    for (int drop = lua_gettop(co) - nargs; drop > 0; drop--) lua_remove(co, 1);
+  } else if (run->state != RUN_NEW || nargs < 0 || lua_gettop(co) < nargs + 1 ||
+             !lua_isfunction(co, -(nargs + 1))) {
+    const char *why = run->state == RUN_NEW ? "no function to run" : "the run has finished";
+    free(run->error);
+    free(run->traceback);
+    run->error = dup_str(why, strlen(why));
+    run->traceback = dup_str("", 0);
+    return MG_LUA_ERROR;
+  }
+  mg_lua_vm_t *vm = run->vm;
+  mg_lua_run_t *prev = tls_run;
+  tls_run = run;
+  run->insns = 0;
+  run->exceeded = 0;
+  run->deadline_ns = now_ns() + vm->max_us * 1000u;
+  lua_sethook(co, on_hook, LUA_MASKCOUNT, MG_LUA_HOOK_STEP);
+  int rc = lua_resume(co, nargs);
+  tls_run = prev;
+  if (run->exceeded) lua_sethook(co, on_hook, LUA_MASKCOUNT, MG_LUA_HOOK_STEP);
+  if (rc == LUA_YIELD && !run->exceeded) {
+    run->state = RUN_YIELDED;
+    return MG_LUA_YIELD;
+  }
+  if (rc == 0 && !run->exceeded) {
+    run->state = RUN_DONE;
+    return MG_LUA_DONE;
+  }
+  record_failure(run, rc);
+  return MG_LUA_ERROR;
+}
+
+const char *mg_lua_run_error(const mg_lua_run_t *run) {
+  return run->error != NULL ? run->error : "";
+}
+
+const char *mg_lua_run_traceback(const mg_lua_run_t *run) {
+  return run->traceback != NULL ? run->traceback : "";
+}
+
+void mg_lua_run_set_data(mg_lua_run_t *run, void *data) { run->data = data; }
+
+void *mg_lua_run_data(const mg_lua_run_t *run) { return run->data; }
+
+mg_lua_run_t *mg_lua_run_current(void) { return tls_run; }
+
+void mg_lua_run_free(mg_lua_run_t *run) {
+  if (run == NULL) return;
+  if (run->ref != LUA_NOREF) luaL_unref(run->vm->L, LUA_REGISTRYINDEX, run->ref);
+  free(run->error);
+  free(run->traceback);
+  free(run);
+}
+
+/* ---- loading chunks ---------------------------------------------------------------------- */
+
+struct load_ctx {
+  mg_lua_vm_t *vm;
+  lua_State *co;
+  const char *name;
+  const char *code;
+  size_t len;
+  int env_ref;
+  int ref;
+};
+
+/* Compiles the chunk on the main state, gives it a fresh environment, moves it to the run. */
+static int load_cb(lua_State *L) {
+  struct load_ctx *c = lua_touserdata(L, 1);
+  char name[LUA_IDSIZE + 2];
+  snprintf(name, sizeof(name), "=%s", c->name);
+  if (luaL_loadbufferx(L, c->code, c->len, name, "t") != 0) return lua_error(L);
+  push_new_env(L, c->vm);
+  lua_pushvalue(L, -1);
+  c->env_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_setfenv(L, -2);
+  lua_xmove(L, c->co, 1);
+  return 0;
+}
+
+/* Anchors the chunk's first result (on top of the run's stack) in the registry. */
+static int keep_cb(lua_State *L) {
+  struct load_ctx *c = lua_touserdata(L, 1);
+  lua_xmove(c->co, L, 1);
+  c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+int mg_lua_vm_load(mg_lua_vm_t *vm, const char *chunkname, const char *code, size_t len,
+                   char *err, size_t errlen) {
+  if (len > 0 && code[0] == '\033') {
+    set_err(err, errlen, "%s: %s", chunkname, "bytecode chunks are not allowed");
+    return -1;
+  }
+  mg_lua_run_t *run = mg_lua_run_new(vm);
+  if (run == NULL) {
+    set_err(err, errlen, "%s: %s", chunkname, "not enough memory");
+    return -1;
+  }
+  struct load_ctx c = {vm, run->co, chunkname, code, len, LUA_NOREF, LUA_NOREF};
+  if (lua_cpcall(vm->L, load_cb, &c) != 0) {
+    set_err(err, errlen, "%s", lua_tostring(vm->L, -1));
+    lua_pop(vm->L, 1);
+    mg_lua_run_free(run);
+    return -1;
+  }
+  int ref = -1;
+  mg_lua_status_t st = mg_lua_vm_resume(run, 0);
+  if (st == MG_LUA_DONE) {
+    lua_settop(run->co, 1);
+    if (lua_isnil(run->co, 1)) {
+      ref = c.env_ref;
+      c.env_ref = LUA_NOREF;
+    } else if (lua_cpcall(vm->L, keep_cb, &c) == 0) {
+      ref = c.ref;
+    } else {
+      lua_pop(vm->L, 1);
+      set_err(err, errlen, "%s: %s", chunkname, "not enough memory");
+    }
+  } else if (st == MG_LUA_YIELD) {
+    set_err(err, errlen, "%s: %s", chunkname, "the chunk yielded while loading");
+  } else {
+    set_err(err, errlen, "%s", mg_lua_run_error(run));
+  }
+  if (c.env_ref != LUA_NOREF) luaL_unref(vm->L, LUA_REGISTRYINDEX, c.env_ref);
+  mg_lua_run_free(run);
+  return ref;
+}
