@@ -118,18 +118,17 @@ enum { MG_CONN_IDLE = 0, MG_CONN_HEAD, MG_CONN_BUSY, MG_CONN_CLOSING };
  * socket, nothing else (the parser and every buffer belong to the request). */
 struct mg_conn {
   uv_tcp_t tcp;
-  uv_timer_t timer;               /* header deadline, body idle, keep-alive idle, send stall */
   mg_worker_t *w;
   mg_listener_t *listener;
   mg_conn_t *next, *prev;         /* the worker's list of connections */
   mg_buf_t pending;               /* received bytes not parsed yet (pipelining, paused body) */
   mg_request_t *req;              /* the request being received or served, or NULL */
   int state;
-  int handles;                    /* open uv handles; the conn is freed when both closed */
   int nrequests;
   size_t write_queued;            /* bytes handed to uv_write and not yet written */
   uint64_t deadline;              /* loop ms when the current state times out; 0 = never */
-  uint64_t timer_due;             /* when the uv timer is set to fire; 0 = not set */
+  mg_conn_t *tq_next, *tq_prev;   /* the worker's list for this kind of timeout */
+  uint8_t tq_kind;                /* which list (0 = none) */
   unsigned reading : 1;
   unsigned eof : 1;               /* the client half-closed */
   unsigned close_after : 1;       /* close once the current response is written */
@@ -169,6 +168,9 @@ void mg_conn_abort(mg_conn_t *c);
 
 /* Closes every idle connection and makes busy ones close after their response (drain). */
 void mg_server_drain(mg_worker_t *w);
+
+/* Sets up the worker's one timer for all its connections' timeouts. */
+void mg_server_timers_init(mg_worker_t *w);
 
 /* Bytes the client still has to read from us. */
 static inline size_t mg_conn_write_queue(const mg_conn_t *c) { return c->write_queued; }

@@ -33,22 +33,37 @@ static uint64_t ms(double seconds) { return seconds <= 0 ? 0 : (uint64_t)(second
  * Timers: one per connection, its meaning depends on the state.
  * ---------------------------------------------------------------------------------------- */
 
-/* The timer is lazy: conn_arm_timer only records the deadline of the current state, and
- * (re)starts the uv timer only when that deadline is earlier than the one it is set for. A
- * timer that fires early (the deadline moved on, as it does with every keep-alive request)
- * re-arms itself for the rest. So a busy keep-alive connection costs no timer operation per
- * request, where restarting the timer at every state change cost two or three. */
-static void on_timer(uv_timer_t *t) {
-  mg_conn_t *c = container_of(t, mg_conn_t, timer);
-  c->timer_due = 0;
-  if (!c->deadline) return;
-  uint64_t now = mg_worker_now(c->w);
-  if (now < c->deadline) {
-    c->timer_due = c->deadline;
-    uv_timer_start(&c->timer, on_timer, c->deadline - now, 0);
-    return;
-  }
+/* Connections have no uv timer of their own (it would be the largest part of an idle
+ * connection). Every timeout of one kind has the same duration, so a connection that enters a
+ * timed state is appended to that kind's list and each list stays sorted by deadline: the
+ * worker's one timer (w->conn_timer) fires for the earliest head, and expiry is O(1) per
+ * connection. A connection changing state moves lists in O(1), with no timer system call. */
+enum { TQ_NONE = 0, TQ_HEADER, TQ_KEEPALIVE, TQ_BODY, TQ_SEND, TQ_LINGER };
+
+static void tq_unlink(mg_conn_t *c) {
+  if (!c->tq_kind) return;
+  mg_worker_t *w = c->w;
+  if (c->tq_prev) c->tq_prev->tq_next = c->tq_next;
+  else w->tq_head[c->tq_kind] = c->tq_next;
+  if (c->tq_next) c->tq_next->tq_prev = c->tq_prev;
+  else w->tq_tail[c->tq_kind] = c->tq_prev;
+  c->tq_next = c->tq_prev = NULL;
+  c->tq_kind = TQ_NONE;
   c->deadline = 0;
+}
+
+static void on_conn_timer(uv_timer_t *t);
+
+/* Starts the worker's timer for the earliest deadline of all lists, if it is not set earlier. */
+static void tq_schedule(mg_worker_t *w, uint64_t deadline) {
+  if (w->conn_timer_due && w->conn_timer_due <= deadline) return;
+  uint64_t now = mg_worker_now(w);
+  w->conn_timer_due = deadline;
+  uv_timer_start(&w->conn_timer, on_conn_timer, deadline > now ? deadline - now : 0, 0);
+}
+
+/* What a deadline means depends on the connection's state when it passes. */
+static void conn_expire(mg_conn_t *c) {
   switch (c->state) {
     case MG_CONN_IDLE:
       conn_close(c);                         /* idle keep-alive, or a silent new connection */
@@ -70,41 +85,79 @@ static void on_timer(uv_timer_t *t) {
   }
 }
 
+static void on_conn_timer(uv_timer_t *t) {
+  mg_worker_t *w = t->data;
+  w->conn_timer_due = 0;
+  uint64_t now = mg_worker_now(w);
+  for (int k = TQ_HEADER; k <= TQ_LINGER; k++) {
+    mg_conn_t *c;
+    while ((c = w->tq_head[k]) && c->deadline <= now) {
+      tq_unlink(c);
+      conn_expire(c);
+    }
+  }
+  uint64_t next = 0;
+  for (int k = TQ_HEADER; k <= TQ_LINGER; k++)
+    if (w->tq_head[k] && (!next || w->tq_head[k]->deadline < next)) next = w->tq_head[k]->deadline;
+  if (next) tq_schedule(w, next);
+}
+
+void mg_server_timers_init(mg_worker_t *w) {
+  uv_timer_init(&w->loop, &w->conn_timer);
+  w->conn_timer.data = w;
+  uv_unref((uv_handle_t *)&w->conn_timer);
+}
+
+/* Puts C on the list of its current state's timeout (or none). */
 static void conn_arm_timer(mg_conn_t *c) {
   const mg_limits_conf_t *lim = &c->w->cfg->limits;
   uint64_t now = mg_worker_now(c->w);
-  uint64_t timeout = 0;
+  uint64_t deadline = 0;
+  int kind = TQ_NONE;
   switch (c->state) {
     case MG_CONN_IDLE:
-      timeout = ms(c->nrequests == 0 ? lim->header_timeout : lim->keepalive_timeout);
+      kind = c->nrequests == 0 ? TQ_HEADER : TQ_KEEPALIVE;
+      deadline = now + ms(c->nrequests == 0 ? lim->header_timeout : lim->keepalive_timeout);
       break;
-    case MG_CONN_HEAD: {
-      uint64_t deadline = c->req ? c->req->header_deadline : now;
-      timeout = deadline > now ? deadline - now : 1;
+    case MG_CONN_HEAD:
+      kind = TQ_HEADER;
+      deadline = c->req ? c->req->header_deadline : now;
       break;
-    }
     case MG_CONN_BUSY:
-      if (c->write_queued) timeout = ms(lim->send_timeout);
-      else if (c->req && c->req->body_reading && !c->req->body_done && !c->body_paused)
-        timeout = ms(lim->body_timeout);
+      if (c->write_queued) {
+        kind = TQ_SEND;
+        deadline = now + ms(lim->send_timeout);
+      } else if (c->req && c->req->body_reading && !c->req->body_done && !c->body_paused) {
+        kind = TQ_BODY;
+        deadline = now + ms(lim->body_timeout);
+      }
       break;
     default:
-      timeout = 2000;
+      kind = TQ_LINGER;
+      deadline = now + 2000;
       break;
   }
-  c->deadline = timeout ? now + timeout : 0;
-  if (!timeout || (c->timer_due && c->timer_due <= c->deadline)) return;
-  c->timer_due = c->deadline;
-  uv_timer_start(&c->timer, on_timer, timeout, 0);
+  if (kind == c->tq_kind && deadline == c->deadline) return;
+  tq_unlink(c);
+  if (kind == TQ_NONE) return;
+  mg_worker_t *w = c->w;
+  /* Same duration per kind, so appending keeps the list sorted (a HEAD deadline was fixed at
+   * the request's first byte, when the connection was appended). */
+  c->tq_kind = (uint8_t)kind;
+  c->deadline = deadline;
+  c->tq_prev = w->tq_tail[kind];
+  if (c->tq_prev) c->tq_prev->tq_next = c;
+  else w->tq_head[kind] = c;
+  w->tq_tail[kind] = c;
+  tq_schedule(w, deadline);
 }
 
 /* ------------------------------------------------------------------------------------------
- * Closing. A connection owns two handles (tcp, timer) and is freed when both have closed.
+ * Closing. A connection owns one handle (tcp) and is freed when it has closed.
  * ---------------------------------------------------------------------------------------- */
 
 static void on_handle_closed(uv_handle_t *h) {
   mg_conn_t *c = h->data;
-  if (--c->handles > 0) return;
   mg_worker_t *w = c->w;
   mg_buf_dispose(&c->pending);
   free(c);
@@ -112,7 +165,6 @@ static void on_handle_closed(uv_handle_t *h) {
 }
 
 static void conn_close(mg_conn_t *c) {
-  if (c->state == MG_CONN_CLOSING && c->handles < 2) return;
   if (uv_is_closing((uv_handle_t *)&c->tcp)) return;
   if (c->in_execute) {                       /* the parser is running on req: close after it */
     c->close_pending = 1;
@@ -137,7 +189,7 @@ static void conn_close(mg_conn_t *c) {
   else c->w->conns = c->next;
   if (c->next) c->next->prev = c->prev;
   c->next = c->prev = NULL;
-  uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+  tq_unlink(c);
   uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
 }
 
@@ -852,9 +904,7 @@ void mg_server_on_connection(uv_stream_t *server, int status) {
     return;
   }
   uv_tcp_init(&w->loop, &c->tcp);
-  uv_timer_init(&w->loop, &c->timer);
-  c->tcp.data = c->timer.data = c;
-  c->handles = 2;
+  c->tcp.data = c;
   c->w = w;
   c->listener = l;
   c->next = w->conns;

@@ -83,6 +83,7 @@ int mg_worker_run(const mg_config_t *cfg, const int *fds) {
   }
   for (size_t i = 0; i < sizeof rnd; i++) snprintf(w->id_prefix + 2 * i, 3, "%02x", rnd[i]);
   mg_server_init_parser_settings();
+  mg_server_timers_init(w);
   mg_proxy_init();
   w->resolver = mg_resolver_new(&w->loop);
   if (!w->resolver || mg_upstreams_init(w) != 0) {

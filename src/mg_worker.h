@@ -41,6 +41,9 @@ typedef struct mg_worker {
   uv_timer_t drain_timer;
   uint64_t requests;            /* requests started (request ids) */
   char id_prefix[17];           /* random per worker: request ids are prefix + counter */
+  uv_timer_t conn_timer;        /* fires for the earliest connection deadline (mg_server.c) */
+  uint64_t conn_timer_due;
+  struct mg_conn *tq_head[6], *tq_tail[6];  /* connections by kind of timeout, by deadline */
   uv_tcp_t reject;              /* accepts (and closes) a connection when memory runs out */
   int reject_busy;
   mg_listener_t *reject_waiting;
