@@ -45,7 +45,7 @@ $(BUILD)/libmg.a: $(LIB_OBJS) $(LLHTTP_OBJS)
 $(BUILD)/moongate: $(BUILD)/obj/main.o $(BUILD)/libmg.a
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(DEPS_LIBS)
 
-$(BUILD)/tests/%: spec/00-c/%.c spec/00-c/mg_test.h $(BUILD)/libmg.a
+$(BUILD)/tests/%: spec/00-c/%.c $(wildcard spec/00-c/*.h) $(BUILD)/libmg.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Ispec/00-c $(LDFLAGS) -o $@ $< $(BUILD)/libmg.a $(DEPS_LIBS)
 

@@ -76,8 +76,10 @@ int mg_http_ieq(const char *a, size_t alen, const char *b) {
   return b[i] == '\0';
 }
 
+
+
 /* Case-insensitive equality of two byte strings of length N. */
-int mg_http_ieq_ci(const char *a, const char *b, size_t n) {
+static int ieq_ci(const char *a, const char *b, size_t n) {
   for (size_t i = 0; i < n; i++) {
     unsigned char x = (unsigned char)a[i], y = (unsigned char)b[i];
     if (x >= 'A' && x <= 'Z') x = (unsigned char)(x + 32);
@@ -85,17 +87,6 @@ int mg_http_ieq_ci(const char *a, const char *b, size_t n) {
     if (x != y) return 0;
   }
   return 1;
-}
-
-int mg_http_is_hop_by_hop(const char *name, size_t len) {
-  switch (len) {
-    case 2: return mg_http_ieq(name, len, "te");
-    case 7: return mg_http_ieq(name, len, "trailer") || mg_http_ieq(name, len, "upgrade");
-    case 10: return mg_http_ieq(name, len, "connection") || mg_http_ieq(name, len, "keep-alive");
-    case 16: return mg_http_ieq(name, len, "proxy-connection");
-    case 17: return mg_http_ieq(name, len, "transfer-encoding");
-    default: return 0;
-  }
 }
 
 mg_header_id_t mg_http_header_id(const char *n, size_t len) {
@@ -143,7 +134,7 @@ int mg_http_connection_lists(const char *v, size_t len, const char *name, size_t
   const char *item;
   size_t il;
   while (mg_http_list_next(&v, &len, &item, &il))
-    if (il == name_len && mg_http_ieq_ci(item, name, il)) return 1;
+    if (il == name_len && ieq_ci(item, name, il)) return 1;
   return 0;
 }
 

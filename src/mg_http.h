@@ -69,15 +69,8 @@ int mg_http_connection_names_fields(const char *v, size_t len);
 /* True when NAME is one of the fields listed in the Connection value V (LEN bytes). */
 int mg_http_connection_lists(const char *v, size_t len, const char *name, size_t name_len);
 
-/* True when NAME (LEN bytes, any case) is a hop-by-hop header that never crosses the proxy:
- * Connection, Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade. */
-int mg_http_is_hop_by_hop(const char *name, size_t len);
-
 /* Case-insensitive equality of A (ALEN bytes) and the NUL-terminated lower-case B. */
 int mg_http_ieq(const char *a, size_t alen, const char *b);
-
-/* Case-insensitive equality of A and B, both N bytes. */
-int mg_http_ieq_ci(const char *a, const char *b, size_t n);
 
 /* True when S (LEN bytes) is a non-empty RFC 9110 token. */
 int mg_http_is_token(const char *s, size_t len);

@@ -71,8 +71,6 @@ static void proxy_connect(mg_proxy_t *p);
 static void proxy_fail(mg_proxy_t *p, mg_http_error_t err);
 static void on_upstream_read(mg_upconn_t *uc, ssize_t nread, const uv_buf_t *buf);
 
-static uint64_t ms(double s) { return s <= 0 ? 0 : (uint64_t)(s * 1000.0 + 0.5); }
-
 /* Appends "<hex size>\r\n", the head of a chunk (printf is measurably slow here). */
 static void append_chunk_size(mg_buf_t *b, size_t n) {
   char tmp[24];
@@ -269,8 +267,8 @@ static void proxy_arm_timer(mg_proxy_t *p) {
    * upstream answered early). While the client is still uploading, the client's own body
    * timeout applies, not the upstream's read timeout. */
   uint64_t t = 0;
-  if (uc->write_queued) t = ms(conf->send_timeout);
-  else if (p->request_sent || p->response_began) t = ms(conf->read_timeout);
+  if (uc->write_queued) t = mg_ms(conf->send_timeout);
+  else if (p->request_sent || p->response_began) t = mg_ms(conf->read_timeout);
   /* While the client holds us back (upstream reads paused) the upstream is not late. */
   if (p->upstream_paused || !t) mg_upconn_set_deadline(uc, 0, NULL);
   else mg_upconn_set_deadline(uc, mg_worker_now(uc->w) + t, on_proxy_timeout);

@@ -27,8 +27,6 @@ static void conn_close(mg_conn_t *c);
 static void conn_fail(mg_conn_t *c, mg_http_error_t err);
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
 
-static uint64_t ms(double seconds) { return seconds <= 0 ? 0 : (uint64_t)(seconds * 1000.0 + 0.5); }
-
 /* ------------------------------------------------------------------------------------------
  * Timers: one per connection, its meaning depends on the state.
  * ---------------------------------------------------------------------------------------- */
@@ -117,7 +115,7 @@ static void conn_arm_timer(mg_conn_t *c) {
   switch (c->state) {
     case MG_CONN_IDLE:
       kind = c->nrequests == 0 ? TQ_HEADER : TQ_KEEPALIVE;
-      deadline = now + ms(c->nrequests == 0 ? lim->header_timeout : lim->keepalive_timeout);
+      deadline = now + mg_ms(c->nrequests == 0 ? lim->header_timeout : lim->keepalive_timeout);
       break;
     case MG_CONN_HEAD:
       kind = TQ_HEADER;
@@ -126,10 +124,10 @@ static void conn_arm_timer(mg_conn_t *c) {
     case MG_CONN_BUSY:
       if (c->write_queued) {
         kind = TQ_SEND;
-        deadline = now + ms(lim->send_timeout);
+        deadline = now + mg_ms(lim->send_timeout);
       } else if (c->req && c->req->body_reading && !c->req->body_done && !c->body_paused) {
         kind = TQ_BODY;
-        deadline = now + ms(lim->body_timeout);
+        deadline = now + mg_ms(lim->body_timeout);
       }
       break;
     default:
@@ -381,7 +379,7 @@ static int on_message_begin(llhttp_t *p) {
   c->state = MG_CONN_HEAD;
   req->start_ns = uv_hrtime();
   req->start_wall = mg_http_wall_time();
-  req->header_deadline = mg_worker_now(c->w) + ms(c->w->cfg->limits.header_timeout);
+  req->header_deadline = mg_worker_now(c->w) + mg_ms(c->w->cfg->limits.header_timeout);
   conn_arm_timer(c);
   return 0;
 }

@@ -14,8 +14,6 @@
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
 
-static uint64_t ms(double s) { return s <= 0 ? 0 : (uint64_t)(s * 1000.0 + 0.5); }
-
 /* ------------------------------------------------------------------------------------------
  * Runtime per upstream.
  * ---------------------------------------------------------------------------------------- */
@@ -196,7 +194,7 @@ mg_upconn_t *mg_upconn_connect(mg_target_t *t, mg_upconn_connect_cb cb, void *da
   uv_timer_init(&w->loop, &c->timer);
   c->tcp.data = c->timer.data = c;
   c->handles = 2;
-  uint64_t timeout = ms(t->up->conf->connect_timeout);
+  uint64_t timeout = mg_ms(t->up->conf->connect_timeout);
   mg_upconn_set_deadline(c, mg_worker_now(w) + (timeout ? timeout : 1), on_connect_timeout);
   int rc = mg_resolver_resolve(w->resolver, t->conf->host, t->conf->port, t->up->conf->dns_ttl,
                                on_resolved, c, &c->resolve_pending);
@@ -266,6 +264,6 @@ void mg_pool_release(mg_upconn_t *c) {
   t->idle = c;
   t->nidle++;
   mg_upconn_read_start(c, NULL);             /* an idle connection keeps listening */
-  uint64_t timeout = ms(uc->keepalive_timeout);
+  uint64_t timeout = mg_ms(uc->keepalive_timeout);
   mg_upconn_set_deadline(c, mg_worker_now(c->w) + (timeout ? timeout : 1), on_idle_timeout);
 }

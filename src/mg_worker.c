@@ -52,8 +52,8 @@ static void worker_stop(mg_worker_t *w) {
     worker_finish(w);
     return;
   }
-  double d = w->cfg->drain_timeout;
-  uv_timer_start(&w->drain_timer, on_drain_timeout, d > 0 ? (uint64_t)(d * 1000) : 1, 0);
+  uint64_t drain = mg_ms(w->cfg->drain_timeout);
+  uv_timer_start(&w->drain_timer, on_drain_timeout, drain ? drain : 1, 0);
 }
 
 static void on_signal(uv_signal_t *s, int signum) {

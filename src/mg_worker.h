@@ -67,6 +67,11 @@ void mg_worker_alloc_cb(uv_handle_t *handle, size_t suggested, uv_buf_t *buf);
  * below the cap and finishes draining when the last connection is gone. */
 void mg_worker_conn_closed(mg_worker_t *w);
 
+/* A configured duration in seconds as loop milliseconds (0 or less: 0, meaning "none"). */
+static inline uint64_t mg_ms(double seconds) {
+  return seconds <= 0 ? 0 : (uint64_t)(seconds * 1000.0 + 0.5);
+}
+
 /* Milliseconds on the loop's clock. */
 static inline uint64_t mg_worker_now(mg_worker_t *w) { return uv_now(&w->loop); }
 

@@ -9,13 +9,11 @@
 #include <lualib.h>
 
 #include "mg_lua_crypto.h"
-#include "mg_test.h"
+#include "mg_test_lua.h"
 
 /* ------------------------------------------------------------------------------------------
  * Helpers
  * ---------------------------------------------------------------------------------------- */
-
-static lua_State *L;
 
 static void open_state(void) {
   L = luaL_newstate();
@@ -24,66 +22,6 @@ static void open_state(void) {
   lua_setglobal(L, "crypto");
 }
 
-/* Runs a test, then closes its state whether it passed or not. */
-#define RUN(fn)                 \
-  do {                          \
-    MG_RUN(fn);                 \
-    if (L) lua_close(L);        \
-    L = NULL;                   \
-  } while (0)
-
-static char result[1 << 12];
-static size_t result_len;
-
-/* Runs CODE (chunk name "t") and leaves its results on an emptied stack. */
-static void run(const char *code) {
-  lua_settop(L, 0);
-  if (luaL_loadbuffer(L, code, strlen(code), "=t") || lua_pcall(L, 0, LUA_MULTRET, 0))
-    MG_FAIL("lua error: %s\n    in: %s", lua_tostring(L, -1), code);
-}
-
-/* Evaluates EXPR and returns its first result, which must be a string (a static copy). */
-static const char *str(const char *expr) {
-  char code[4096];
-  snprintf(code, sizeof code, "return %s", expr);
-  run(code);
-  if (lua_type(L, 1) != LUA_TSTRING)
-    MG_FAIL("%s returned a %s, not a string", expr, luaL_typename(L, 1));
-  const char *s = lua_tolstring(L, 1, &result_len);
-  if (result_len >= sizeof result) MG_FAIL("%s: result too long for the helper", expr);
-  memcpy(result, s, result_len + 1);
-  return result;
-}
-
-/* Evaluates EXPR, which must return nil and a message; returns the message. */
-static const char *failure(const char *expr) {
-  char code[4096];
-  snprintf(code, sizeof code, "return %s", expr);
-  run(code);
-  if (lua_gettop(L) != 2 || !lua_isnil(L, 1) || lua_type(L, 2) != LUA_TSTRING)
-    MG_FAIL("%s did not return nil, err", expr);
-  snprintf(result, sizeof result, "%s", lua_tostring(L, 2));
-  return result;
-}
-
-/* Runs CODE, which must raise; returns the error message. */
-static const char *error_of(const char *code) {
-  lua_settop(L, 0);
-  if (luaL_loadbuffer(L, code, strlen(code), "=t")) MG_FAIL("syntax: %s", lua_tostring(L, -1));
-  if (lua_pcall(L, 0, 0, 0) == 0) MG_FAIL("no error from: %s", code);
-  snprintf(result, sizeof result, "%s", lua_tostring(L, -1));
-  return result;
-}
-
-static int is_true(const char *expr) {
-  char code[4096];
-  snprintf(code, sizeof code, "return %s", expr);
-  run(code);
-  return lua_type(L, 1) == LUA_TBOOLEAN && lua_toboolean(L, 1);
-}
-
-#define CHECK_TRUE(expr) \
-  do { if (!is_true(expr)) MG_FAIL("not true: %s", expr); } while (0)
 #define CHECK_FALSE(expr) \
   do { run("return " expr); if (lua_type(L, 1) != LUA_TBOOLEAN || lua_toboolean(L, 1)) MG_FAIL("not false: %s", expr); } while (0)
 

@@ -324,14 +324,16 @@ def test_keepalive_requests_caps_exchanges_per_upstream_connection():
         assert up.connections == 3
 
 
+def _one_exchange_then_close(conn):
+    """One exchange per connection, advertised as keep-alive; then close while idle."""
+    if conn.read_request(timeout=5) is None:
+        return
+    conn.send(http_response(200, b"fresh"))
+    time.sleep(0.05)
+
+
 def test_idle_connection_closed_by_upstream_get_still_succeeds():
-    def handler(conn):
-        # One exchange per connection, advertised as keep-alive; then close while idle.
-        if conn.read_request(timeout=5) is None:
-            return
-        conn.send(http_response(200, b"fresh"))
-        time.sleep(0.05)
-    with Upstream(handler) as up, Gateway(proxy_config([target(up.port)])) as gw:
+    with Upstream(_one_exchange_then_close) as up, Gateway(proxy_config([target(up.port)])) as gw:
         assert request(gw.port, "GET", "/one").status == 200
         time.sleep(0.3)
         r = request(gw.port, "GET", "/two")
@@ -340,12 +342,7 @@ def test_idle_connection_closed_by_upstream_get_still_succeeds():
 
 
 def test_idle_connection_closed_by_upstream_post_is_never_replayed():
-    def handler(conn):
-        if conn.read_request(timeout=5) is None:
-            return
-        conn.send(http_response(200, b"fresh"))
-        time.sleep(0.05)
-    with Upstream(handler) as up, Gateway(proxy_config([target(up.port)])) as gw:
+    with Upstream(_one_exchange_then_close) as up, Gateway(proxy_config([target(up.port)])) as gw:
         assert request(gw.port, "GET", "/one").status == 200
         time.sleep(0.3)
         r = request(gw.port, "POST", "/two", body=b"payload-1")
