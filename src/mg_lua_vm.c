@@ -57,6 +57,36 @@ static const char budget_msg[] = "script exceeded its CPU budget";
 /* The registry key (its address) under which the VM keeps a pointer to itself. */
 static const char vm_key = 0;
 
+/* Its address is the light userdata an I/O wait yields (mg_task_wait). */
+static const char io_marker = 0;
+
+/* coroutine.resume and coroutine.wrap for the sandbox: a coroutine that yields the I/O
+ * marker is waiting for the event loop, not for its resumer, so the yield is passed up to
+ * the caller's own coroutine (and on up to the task's) and the results come back down. */
+static const char coroutine_lua[] =
+    "local MARK, lib, error = ...\n"
+    "local co_resume, co_yield, co_status, co_create = lib.resume, lib.yield, lib.status, lib.create\n"
+    "local function relay(co, ok, first, ...)\n"
+    "  if ok and first == MARK and co_status(co) == 'suspended' then\n"
+    "    return relay(co, co_resume(co, co_yield(MARK)))\n"
+    "  end\n"
+    "  return ok, first, ...\n"
+    "end\n"
+    "local function unwrap(ok, ...)\n"
+    "  if not ok then error((...), 0) end\n"
+    "  return ...\n"
+    "end\n"
+    "local c = {}\n"
+    "for k, v in pairs(lib) do c[k] = v end\n"
+    "c.resume = function(co, ...) return relay(co, co_resume(co, ...)) end\n"
+    "c.wrap = function(f)\n"
+    "  local co = co_create(f)\n"
+    "  return function(...) return unwrap(relay(co, co_resume(co, ...))) end\n"
+    "end\n"
+    "return c\n";
+
+void mg_lua_vm_push_io_marker(lua_State *L) { lua_pushlightuserdata(L, (void *)&io_marker); }
+
 static uint64_t now_ns(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -241,6 +271,13 @@ static int setup_cb(lua_State *L) {
   lua_setfield(L, -2, "loadstring");
   lua_pushcfunction(L, l_collectgarbage);
   lua_setfield(L, -2, "collectgarbage");
+  if (luaL_loadbuffer(L, coroutine_lua, sizeof coroutine_lua - 1, "=coroutine") != 0)
+    return lua_error(L);
+  lua_pushlightuserdata(L, (void *)&io_marker);
+  lua_getglobal(L, LUA_COLIBNAME);
+  lua_getglobal(L, "error");
+  lua_call(L, 3, 1);
+  lua_setfield(L, -2, LUA_COLIBNAME);
 
   lua_newtable(L); /* mg */
   lua_pushcfunction(L, luaopen_mg_json);

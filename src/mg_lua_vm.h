@@ -97,6 +97,10 @@ int mg_lua_vm_register(mg_lua_vm_t *vm, const char *name, lua_CFunction fn);
 int mg_lua_vm_load(mg_lua_vm_t *vm, const char *chunkname, const char *code, size_t len,
                    char *err, size_t errlen);
 
+/* Pushes the light userdata that an I/O wait yields (see mg_task.h). The sandbox's
+ * coroutine.resume/wrap pass a yield of this value up to the enclosing coroutine. */
+void mg_lua_vm_push_io_marker(lua_State *L);
+
 /* Releases a reference returned by mg_lua_vm_load. */
 void mg_lua_vm_unref(mg_lua_vm_t *vm, int ref);
 

@@ -53,6 +53,10 @@ mg_request_t *mg_request_new(mg_conn_t *c) {
 void mg_request_free(mg_request_t *req) {
   mg_worker_t *w = req->w;
   req->headers = NULL;
+  if (req->gen) {
+    mg_gen_release(req->gen);
+    req->gen = NULL;
+  }
   if (w && w->nspare < MG_SPARE_REQUESTS && !w->stopping) {
     mg_buf_reset(&req->head, MG_SPARE_BUF_MAX);
     mg_buf_reset(&req->offs, MG_SPARE_BUF_MAX);
@@ -178,7 +182,7 @@ void mg_request_error(mg_request_t *req, mg_http_error_t err) {
 
 /* Picks the route; answers 404/405 itself. Returns 0 when a route was found. */
 static int request_route(mg_request_t *req) {
-  const mg_router_t *router = req->listener->router;
+  const mg_router_t *router = req->gen->routers[req->listener->index];
   mg_route_result_t r = router ? mg_router_match(router, req->method_bit, req->host,
                                                  req->host_len, req->path, req->path_len,
                                                  &req->match)
@@ -212,7 +216,7 @@ static void request_handler(mg_request_t *req) {
     mg_buf_dispose(&hdrs);
     return;
   }
-  mg_upstream_t *up = mg_worker_upstream(req->w, route->upstream);
+  mg_upstream_t *up = mg_gen_upstream(req->gen, route->upstream);
   if (!up) {
     mg_log_error("route %s: upstream %s is missing", route->spec, route->upstream);
     mg_request_error(req, MG_HTTP_E_INTERNAL);
@@ -247,6 +251,7 @@ static void request_run(mg_request_t *req) {
 
 void mg_request_start(mg_request_t *req) {
   req->phase = MG_PHASE_REQUEST;
+  req->gen = mg_gen_hold(req->w->gen);
   request_run(req);
 }
 

@@ -91,6 +91,7 @@ struct mg_request {
   size_t max_body;
 
   /* ---- routing and identity */
+  mg_gen_t *gen;                  /* the config generation it runs on (held) */
   mg_listener_t *listener;
   const mg_route_conf_t *route;
   mg_route_match_t match;

@@ -18,20 +18,22 @@
  * Runtime per upstream.
  * ---------------------------------------------------------------------------------------- */
 
-int mg_upstreams_init(mg_worker_t *w) {
-  const mg_config_t *cfg = w->cfg;
-  w->nupstreams = cfg->nupstreams;
-  w->upstreams = calloc(cfg->nupstreams ? cfg->nupstreams : 1, sizeof(mg_upstream_t));
-  if (!w->upstreams) return -1;
+mg_upstream_t *mg_upstreams_new(mg_worker_t *w, const mg_config_t *cfg) {
+  mg_upstream_t *ups = calloc(cfg->nupstreams ? cfg->nupstreams : 1, sizeof(mg_upstream_t));
+  if (!ups) return NULL;
   for (size_t i = 0; i < cfg->nupstreams; i++) {
     const mg_upstream_conf_t *uc = &cfg->upstreams[i];
-    mg_upstream_t *u = &w->upstreams[i];
+    mg_upstream_t *u = &ups[i];
     u->conf = uc;
     u->w = w;
     u->ntargets = uc->ntargets;
     u->targets = calloc(uc->ntargets ? uc->ntargets : 1, sizeof(mg_target_t));
     int *weights = calloc(uc->ntargets ? uc->ntargets : 1, sizeof(int));
-    if (!u->targets || !weights) { free(weights); return -1; }
+    if (!u->targets || !weights) {
+      free(weights);
+      mg_upstreams_free(ups, i + 1);
+      return NULL;
+    }
     for (size_t j = 0; j < uc->ntargets; j++) {
       mg_target_t *t = &u->targets[j];
       t->conf = &uc->targets[j];
@@ -45,22 +47,25 @@ int mg_upstreams_init(mg_worker_t *w) {
     }
     int rc = mg_balancer_init(&u->balancer, weights, uc->ntargets, uc->max_fails, uc->fail_timeout);
     free(weights);
-    if (rc != 0) return -1;
+    if (rc != 0) {
+      mg_upstreams_free(ups, i + 1);
+      return NULL;
+    }
   }
-  return 0;
+  return ups;
 }
 
-void mg_upstreams_dispose(mg_worker_t *w) {
-  for (size_t i = 0; i < w->nupstreams; i++) {
-    mg_upstream_t *u = &w->upstreams[i];
-    for (size_t j = 0; j < u->ntargets; j++)
-      while (u->targets[j].idle) mg_upconn_close(u->targets[j].idle);
+void mg_upstreams_free(mg_upstream_t *ups, size_t n) {
+  if (!ups) return;
+  for (size_t i = 0; i < n; i++) {
+    mg_upstream_t *u = &ups[i];
+    if (u->targets)
+      for (size_t j = 0; j < u->ntargets; j++)
+        while (u->targets[j].idle) mg_upconn_close(u->targets[j].idle);
     free(u->targets);
     mg_balancer_dispose(&u->balancer);
   }
-  free(w->upstreams);
-  w->upstreams = NULL;
-  w->nupstreams = 0;
+  free(ups);
 }
 
 mg_target_t *mg_upstream_pick(mg_upstream_t *u, uint64_t exclude) {

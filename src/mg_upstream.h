@@ -27,6 +27,7 @@ typedef struct mg_target {
 typedef struct mg_upstream {
   const mg_upstream_conf_t *conf;
   struct mg_worker *w;
+  struct mg_gen *gen;           /* the generation it belongs to */
   mg_target_t *targets;
   size_t ntargets;
   mg_balancer_t balancer;
@@ -65,12 +66,13 @@ struct mg_upconn {
   void *data;                   /* the owner (a proxy exchange) while busy */
 };
 
-/* Builds the runtime for every upstream of CFG in worker W. Returns 0 or -1. */
-int mg_upstreams_init(struct mg_worker *w);
+/* Builds the runtime for every upstream of CFG (an array of cfg->nupstreams) in worker W.
+ * Returns NULL when out of memory. */
+mg_upstream_t *mg_upstreams_new(struct mg_worker *w, const mg_config_t *cfg);
 
-/* Closes every idle connection and frees the runtime (busy connections are closed by their
- * owners first). */
-void mg_upstreams_dispose(struct mg_worker *w);
+/* Closes every idle connection of the N upstreams UPS and frees them (busy connections are
+ * closed or handed on by their owners first). */
+void mg_upstreams_free(mg_upstream_t *ups, size_t n);
 
 /* Picks a target by weight, skipping ejected targets and those in EXCLUDE (bit per index).
  * Returns NULL when none is available (503). */

@@ -22,12 +22,6 @@ void mg_worker_alloc_cb(uv_handle_t *handle, size_t suggested, uv_buf_t *buf) {
   buf->len = sizeof w->readbuf;
 }
 
-mg_upstream_t *mg_worker_upstream(mg_worker_t *w, const char *name) {
-  for (size_t i = 0; i < w->nupstreams; i++)
-    if (strcmp(w->upstreams[i].conf->name, name) == 0) return &w->upstreams[i];
-  return NULL;
-}
-
 static void worker_finish(mg_worker_t *w) { uv_stop(&w->loop); }
 
 void mg_worker_conn_closed(mg_worker_t *w) {
@@ -65,6 +59,25 @@ static void on_signal(uv_signal_t *s, int signum) {
   worker_stop(w);
 }
 
+/* The first generation: the config the master validated, loaded again by this worker. */
+static int worker_first_gen(mg_worker_t *w) {
+  mg_config_t cfg;
+  char *errors = NULL;
+  if (mg_config_load(w->cfg->file, &cfg, &errors) != 0) {
+    mg_log_error("worker: cannot load %s: %s", w->cfg->file, errors ? errors : "out of memory");
+    free(errors);
+    return -1;
+  }
+  char err[256] = "";
+  w->gen = mg_gen_new(w, &cfg, 1, err, sizeof err);
+  mg_config_free(&cfg);
+  if (!w->gen) {
+    mg_log_error("worker: %s", err);
+    return -1;
+  }
+  return 0;
+}
+
 static void close_any(uv_handle_t *h, void *arg) {
   if (!uv_is_closing(h)) uv_close(h, NULL);
 }
@@ -86,7 +99,7 @@ int mg_worker_run(const mg_config_t *cfg, const int *fds) {
   mg_server_timers_init(w);
   mg_proxy_init();
   w->resolver = mg_resolver_new(&w->loop);
-  if (!w->resolver || mg_upstreams_init(w) != 0) {
+  if (!w->resolver) {
     mg_log_error("worker: out of memory");
     return 1;
   }
@@ -100,15 +113,10 @@ int mg_worker_run(const mg_config_t *cfg, const int *fds) {
   w->listeners = calloc(cfg->nlistens ? cfg->nlistens : 1, sizeof(mg_listener_t));
   for (size_t i = 0; i < cfg->nlistens; i++) {
     mg_listener_t *l = &w->listeners[i];
-    char err[256] = "";
     l->conf = &cfg->listens[i];
+    l->index = i;
     l->w = w;
     l->fd = fds[i];
-    l->router = mg_router_new(cfg->routes, cfg->nroutes, l->conf->name, err, sizeof err);
-    if (!l->router) {
-      mg_log_error("listener %s: %s", l->conf->name ? l->conf->name : "default", err);
-      return 1;
-    }
     uv_tcp_init(&w->loop, &l->handle);
     l->handle.data = l;
     if ((rc = uv_tcp_open(&l->handle, l->fd)) != 0 ||
@@ -118,6 +126,7 @@ int mg_worker_run(const mg_config_t *cfg, const int *fds) {
       return 1;
     }
   }
+  if (worker_first_gen(w) != 0) return 1;
   uv_signal_init(&w->loop, &w->sig_term);
   uv_signal_init(&w->loop, &w->sig_int);
   uv_signal_init(&w->loop, &w->sig_hup);
@@ -131,12 +140,13 @@ int mg_worker_run(const mg_config_t *cfg, const int *fds) {
   /* Drained (or out of time): cut what is still open and free it. */
   while (w->conns) mg_conn_abort(w->conns);
   mg_access_log_close();
-  mg_upstreams_dispose(w);
+  mg_gen_t *gen = w->gen;
+  w->gen = NULL;
+  mg_gen_release(gen);
   mg_resolver_free(w->resolver);
   uv_walk(&w->loop, close_any, NULL);
   uv_run(&w->loop, UV_RUN_DEFAULT);
   uv_loop_close(&w->loop);
-  for (size_t i = 0; i < w->nlisteners; i++) mg_router_free(w->listeners[i].router);
   mg_request_free_spares(w);
   mg_proxy_free_spares();
   free(w->listeners);

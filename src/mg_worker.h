@@ -8,6 +8,8 @@
 #include <uv.h>
 
 #include "mg_config.h"
+#include "mg_gen.h"
+#include "mg_lua_vm.h"
 #include "mg_resolver.h"
 #include "mg_router.h"
 
@@ -20,7 +22,7 @@ struct mg_upstream;
 typedef struct mg_listener {
   uv_tcp_t handle;
   const mg_listen_conf_t *conf;
-  mg_router_t *router;          /* the routes this listener serves */
+  size_t index;                 /* in the worker's listeners (and each generation's routers) */
   struct mg_worker *w;
   int fd;                       /* inherited listening socket */
   int paused;                   /* accepting stopped at max_connections */
@@ -28,11 +30,11 @@ typedef struct mg_listener {
 
 typedef struct mg_worker {
   uv_loop_t loop;
-  const mg_config_t *cfg;
+  const mg_config_t *cfg;       /* the config the worker started with: listeners, limits, logs */
+  mg_gen_t *gen;                /* the current generation: routes, upstreams, hooks */
+  mg_lua_vm_t *vm;              /* the worker's Lua VM (every generation's scripts live here) */
   mg_listener_t *listeners;
   size_t nlisteners;
-  struct mg_upstream *upstreams;
-  size_t nupstreams;
   mg_resolver_t *resolver;
   struct mg_conn *conns;        /* every open client connection (intrusive list) */
   size_t nconns;
@@ -56,8 +58,6 @@ typedef struct mg_worker {
  * has drained after SIGTERM/SIGINT. Returns the process exit code. */
 int mg_worker_run(const mg_config_t *cfg, const int *fds);
 
-/* The upstream named NAME in this worker, or NULL. */
-struct mg_upstream *mg_worker_upstream(mg_worker_t *w, const char *name);
 
 /* libuv allocation callback handing out the worker's shared read buffer (handle->loop->data
  * is the worker). The read callback must consume or copy the bytes before returning. */
