@@ -12,6 +12,7 @@
  * the binary at build time, so an installed binary needs no lua/ directory to check configs. */
 #include "mg_config.h"
 
+#include <errno.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +24,7 @@
 #include <lualib.h>
 
 #include "mg_log.h"
+#include "mg_lua_vm.h"
 
 #define CONFIG_LUA "/moongate/config.lua"
 
@@ -243,6 +245,20 @@ static void read_listen(lua_State *L, int t, mg_listen_conf_t *l)
   l->backlog = get_cint(L, t, "backlog");
 }
 
+/* Bits of the hooks a route runs: hooks = { access = {...}, handler = fn, ... }. */
+static unsigned read_route_hooks(lua_State *L, int t)
+{
+  static const char *const names[] = {"request", "access", "handler", "response", "log"};
+  unsigned bits = 0;
+  if (lua_type(L, t) != LUA_TTABLE) return 0;
+  for (unsigned i = 0; i < 5; i++) {
+    lua_getfield(L, t, names[i]);
+    if (lua_isfunction(L, -1) || (lua_istable(L, -1) && lua_objlen(L, -1) > 0)) bits |= 1u << i;
+    lua_pop(L, 1);
+  }
+  return bits;
+}
+
 static void read_upstream(lua_State *L, int t, mg_upstream_conf_t *u)
 {
   u->name = get_str(L, t, "name");
@@ -362,6 +378,55 @@ static int read_config(lua_State *L)
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
+
+  push_field(L, t, "hooks", LUA_TTABLE, 0);
+  int h = lua_gettop(L);
+  lua_getfield(L, h, "request");
+  cfg->has_request_hooks = lua_istable(L, -1) && lua_objlen(L, -1) > 0;
+  lua_pop(L, 1);
+  lua_getfield(L, h, "routes");
+  for (size_t i = 0; i < cfg->nroutes; i++) {
+    lua_rawgeti(L, -1, (int)i + 1);
+    cfg->routes[i].hooks = read_route_hooks(L, lua_gettop(L));
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 2);
+
+  n = push_array(L, t, "shared", 0);
+  a = lua_gettop(L);
+  cfg->shared = xcalloc(L, n, sizeof *cfg->shared);
+  cfg->nshared = n;
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(L, a, (int)i + 1);
+    cfg->shared[i].name = get_str(L, lua_gettop(L), "name");
+    cfg->shared[i].size = get_size(L, lua_gettop(L), "size");
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+
+  push_field(L, t, "lua", LUA_TTABLE, 0);
+  cfg->lua_memory = get_size(L, lua_gettop(L), "memory");
+  cfg->lua_budget = get_num(L, lua_gettop(L), "budget");
+  lua_pop(L, 1);
+
+  get_strv(L, t, "files", &cfg->files, &cfg->nfiles);
+
+  /* The admin API listens like any listener, as the last one. */
+  if (push_field(L, t, "admin", LUA_TTABLE, 1)) {
+    int ad = lua_gettop(L);
+    mg_listen_conf_t *more = realloc(cfg->listens, (cfg->nlistens + 1) * sizeof *more);
+    if (!more) return luaL_error(L, "out of memory");
+    cfg->listens = more;
+    mg_listen_conf_t *l = &cfg->listens[cfg->nlistens++];
+    memset(l, 0, sizeof *l);
+    l->admin = 1;
+    l->name = xmemdup(L, "(admin)", 7);
+    l->host = get_str(L, ad, "host");
+    l->port = get_cint(L, ad, "port");
+    l->backlog = 128;
+    cfg->admin_token = get_opt_str(L, ad, "token");
+  }
+  lua_pop(L, 1);
   return 0;
 }
 
@@ -379,71 +444,205 @@ static void set_error(char **errors, const char *file, const char *what, const c
   if (*errors) snprintf(*errors, len, "%s: %s: %s\n", file, what, detail);
 }
 
-/* Pushes the config.lua chunk (see the top of this file for where it comes from). */
-static int load_checker(lua_State *L)
+/* Reads a whole file into a malloc'd buffer (at most MAX_FILE bytes). Returns NULL with
+ * errno set (EFBIG when too large). */
+#define MAX_FILE (16u << 20)
+static char *slurp(const char *path, size_t *len)
 {
-  const char *dir = getenv("MOONGATE_LUA_DIR");
-  if (dir && *dir) {
-    lua_pushfstring(L, "%s" CONFIG_LUA, dir);
-    const char *path = lua_tostring(L, -1);
-    int rc = luaL_loadfile(L, path);
-    lua_remove(L, -2);
-    return rc;
+  FILE *f = fopen(path, "rb");
+  if (!f) return NULL;
+  size_t cap = 8192, n = 0;
+  char *buf = malloc(cap);
+  while (buf) {
+    size_t got = fread(buf + n, 1, cap - n, f);
+    n += got;
+    if (n < cap) break;
+    if (cap >= MAX_FILE) {
+      free(buf);
+      buf = NULL;
+      errno = EFBIG;
+      break;
+    }
+    char *more = realloc(buf, cap * 2);
+    if (!more) { free(buf); buf = NULL; break; }
+    buf = more;
+    cap *= 2;
   }
+  int failed = buf && ferror(f);
+  int e = errno;
+  fclose(f);
+  if (failed) {
+    free(buf);
+    errno = e ? e : EIO;
+    return NULL;
+  }
+  *len = n;
+  return buf;
+}
+
+/* host.read_file(path) for config.lua: the file's text, or nil and why. */
+static int l_read_file(lua_State *L)
+{
+  const char *path = luaL_checkstring(L, 1);
+  size_t len = 0;
+  char *text = slurp(path, &len);
+  if (!text) {
+    lua_pushnil(L);
+    lua_pushstring(L, errno == EISDIR ? "is a directory" : strerror(errno));
+    return 2;
+  }
+  lua_pushlstring(L, text, len);
+  free(text);
+  return 1;
+}
+
+/* The text of config.lua (see the top of this file for where it comes from). Sets *FREE_IT
+ * when the caller must free it. */
+static const char *checker_source(size_t *len, int *free_it, char *name, size_t namelen,
+                                  char *err, size_t errlen)
+{
+  char path[PATH_MAX];
+  const char *dir = getenv("MOONGATE_LUA_DIR");
+  *free_it = 0;
+  if (dir && *dir) {
+    snprintf(path, sizeof path, "%s" CONFIG_LUA, dir);
+  } else {
 #ifdef MG_LUA_DIR
-  if (access(MG_LUA_DIR CONFIG_LUA, R_OK) == 0) return luaL_loadfile(L, MG_LUA_DIR CONFIG_LUA);
-  return luaL_loadbuffer(L, mg_config_lua_start,
-                         (size_t)(mg_config_lua_end - mg_config_lua_start),
-                         "=moongate/config.lua (built in)");
+    snprintf(path, sizeof path, "%s", MG_LUA_DIR CONFIG_LUA);
+    if (access(path, R_OK) != 0) {
+      snprintf(name, namelen, "moongate/config.lua (built in)");
+      *len = (size_t)(mg_config_lua_end - mg_config_lua_start);
+      return mg_config_lua_start;
+    }
 #else
-  lua_pushliteral(L, "MOONGATE_LUA_DIR is not set and no copy of config.lua is built in");
-  return LUA_ERRFILE;
+    snprintf(err, errlen, "MOONGATE_LUA_DIR is not set and no copy of config.lua is built in");
+    return NULL;
 #endif
+  }
+  snprintf(name, namelen, "moongate/config.lua");
+  char *text = slurp(path, len);
+  *free_it = text != NULL;
+  if (!text) snprintf(err, errlen, "cannot open %s: %s", path, strerror(errno));
+  return text;
+}
+
+/* The text of an error raised while the user's file ran: Lua names it "\1config". */
+static char *config_error_text(const char *display, const char *msg)
+{
+  const char *at = strstr(msg, "\1config");
+  const char *tail = at ? at + 7 : msg;
+  size_t len = strlen(display) + strlen(msg) + 64;
+  char *out = malloc(len);
+  if (!out) return NULL;
+  if (at) snprintf(out, len, "%s%s\n", display, tail);
+  else snprintf(out, len, "%s: %s\n", display, msg);
+  if (strstr(out, "exceeded its CPU budget")) {
+    char *p = strstr(out, "script exceeded its CPU budget");
+    if (p) snprintf(p, len - (size_t)(p - out), "the config file ran too long (an endless loop?)\n");
+  }
+  return out;
+}
+
+struct read_ctx { mg_config_t *cfg; lua_State *from; int ref; int keep; };
+
+/* Runs under lua_cpcall: copies the result table (on top of FROM) into the C config. */
+static int read_cb(lua_State *L)
+{
+  struct read_ctx *c = lua_touserdata(L, 1);
+  lua_xmove(c->from, L, 1);
+  int t = lua_gettop(L);
+  lua_pushcfunction(L, read_config);
+  lua_pushlightuserdata(L, c->cfg);
+  lua_pushvalue(L, t);
+  lua_call(L, 2, 0);
+  if (c->keep) {
+    lua_getfield(L, t, "hooks");
+    c->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  }
+  return 0;
+}
+
+int mg_config_load_vm(mg_lua_vm_t *vm, const char *file, mg_config_t *cfg, char **errors,
+                      int *ref)
+{
+  memset(cfg, 0, sizeof *cfg);
+  if (errors) *errors = NULL;
+  if (ref) *ref = -1;
+  char name[64], err[PATH_MAX + 256];
+  size_t len = 0;
+  int free_src = 0;
+  const char *src = checker_source(&len, &free_src, name, sizeof name, err, sizeof err);
+  if (!src) {
+    set_error(errors, file, "cannot load the config checker", err);
+    return -1;
+  }
+  int mod = mg_lua_vm_load_trusted(vm, name, src, len, err, sizeof err);
+  if (free_src) free((char *)src);
+  if (mod < 0) {
+    set_error(errors, file, "cannot load the config checker", err);
+    return -1;
+  }
+  char *abs = realpath(file, NULL);
+  int rc = -1;
+  mg_lua_run_t *run = mg_lua_run_new(vm);
+  if (!run || mg_lua_run_push_ref(run, mod, "load") != 0) {
+    set_error(errors, file, "cannot load the config checker", "out of memory");
+    goto done;
+  }
+  lua_State *co = mg_lua_run_thread(run);
+  lua_pushstring(co, file);
+  lua_pushstring(co, abs ? abs : file);
+  lua_createtable(co, 0, 3);
+  lua_pushcfunction(co, l_read_file);
+  lua_setfield(co, -2, "read_file");
+  /* config.lua counts the file's steps itself (with a precise line when it stops an endless
+   * loop); the VM's time budget is a backstop. */
+  mg_lua_vm_set_budget(vm, 0, 30 * 1000 * 1000);
+  mg_lua_status_t st = mg_lua_vm_resume(run, 3);
+  if (st == MG_LUA_ERROR) {
+    if (errors) *errors = config_error_text(file, mg_lua_run_error(run));
+    goto done;
+  }
+  if (st != MG_LUA_DONE) {
+    set_error(errors, file, "cannot load the config", "the config file waited for I/O while loading");
+    goto done;
+  }
+  if (lua_isnil(co, 1)) {
+    const char *text = lua_tostring(co, 2);
+    if (errors) *errors = strdup(text ? text : "the config checker failed\n");
+    goto done;
+  }
+  lua_settop(co, 1);
+  struct read_ctx c = {cfg, co, -1, ref != NULL};
+  if (lua_cpcall(mg_lua_vm_state(vm), read_cb, &c) != 0) {
+    lua_State *L = mg_lua_vm_state(vm);
+    set_error(errors, file, "internal error while reading the config", lua_tostring(L, -1));
+    lua_pop(L, 1);
+    mg_config_free(cfg);
+    goto done;
+  }
+  if (ref) *ref = c.ref;
+  mg_lua_vm_set_budget(vm, 0, (uint64_t)(cfg->lua_budget * 1e6));
+  rc = 0;
+
+done:
+  mg_lua_run_free(run);
+  mg_lua_vm_unref(vm, mod);
+  free(abs);
+  return rc;
 }
 
 int mg_config_load(const char *file, mg_config_t *cfg, char **errors)
 {
-  memset(cfg, 0, sizeof *cfg);
-  if (errors) *errors = NULL;
-
-  lua_State *L = luaL_newstate();
-  if (!L) {
-    set_error(errors, file, "cannot check the config", "out of memory");
+  char err[256];
+  mg_lua_vm_t *vm = mg_lua_vm_new(0, err, sizeof err);
+  if (!vm) {
+    memset(cfg, 0, sizeof *cfg);
+    set_error(errors, file, "cannot check the config", err);
     return -1;
   }
-  luaL_openlibs(L);
-  char *abs = realpath(file, NULL);
-  int rc = -1;
-
-  if (load_checker(L) != 0 || lua_pcall(L, 0, 1, 0) != 0) {
-    set_error(errors, file, "cannot load the config checker", lua_tostring(L, -1));
-    goto done;
-  }
-  lua_getfield(L, -1, "load");
-  lua_pushstring(L, file);
-  lua_pushstring(L, abs ? abs : file);
-  if (lua_pcall(L, 2, 2, 0) != 0) {
-    set_error(errors, file, "internal error while checking the config", lua_tostring(L, -1));
-    goto done;
-  }
-  if (lua_isnil(L, -2)) {
-    const char *text = lua_tostring(L, -1);
-    if (errors && text) *errors = strdup(text);
-    goto done;
-  }
-  lua_pushcfunction(L, read_config);
-  lua_pushlightuserdata(L, cfg);
-  lua_pushvalue(L, -4);
-  if (lua_pcall(L, 2, 0, 0) != 0) {
-    set_error(errors, file, "internal error while reading the config", lua_tostring(L, -1));
-    mg_config_free(cfg);
-    goto done;
-  }
-  rc = 0;
-
-done:
-  free(abs);
-  lua_close(L);
+  int rc = mg_config_load_vm(vm, file, cfg, errors, NULL);
+  mg_lua_vm_free(vm);
   return rc;
 }
 
@@ -492,6 +691,11 @@ void mg_config_free(mg_config_t *cfg)
     free(r->respond_headers);
   }
   free(cfg->routes);
+  for (size_t i = 0; i < cfg->nshared; i++) free(cfg->shared[i].name);
+  free(cfg->shared);
+  free(cfg->admin_token);
+  for (size_t i = 0; i < cfg->nfiles; i++) free(cfg->files[i]);
+  free(cfg->files);
   memset(cfg, 0, sizeof *cfg);
 }
 

@@ -23,7 +23,14 @@ typedef struct mg_listen_conf {
                        "localhost" is stored as "127.0.0.1" */
   int port;
   int backlog;      /* default 511 */
+  int admin;        /* 1: the admin API listener (admin { ... }); name is "(admin)" */
 } mg_listen_conf_t;
+
+/* A shared-memory dictionary: mg.shared.NAME. */
+typedef struct mg_shared_conf {
+  char *name;
+  size_t size;      /* bytes */
+} mg_shared_conf_t;
 
 /* One target of an upstream: host may be an IP literal or a DNS name. */
 typedef struct mg_target_conf {
@@ -80,6 +87,9 @@ typedef struct mg_route_conf {
                                  gave none and there is a body (JSON / text/plain) */
   size_t nrespond_headers;
   size_t max_body;            /* request body limit for this route, default limits.body */
+  /* Lua: which hooks the route runs (global ones included), bit per MG_HOOK_* (mg_task.h).
+   * The functions themselves live in the VM that evaluated the config. */
+  unsigned hooks;
 } mg_route_conf_t;
 
 /* Protective limits and timeouts (DESIGN.md "Defaults that protect it"). */
@@ -111,6 +121,13 @@ typedef struct mg_config {
   mg_listen_conf_t *listens; size_t nlistens;
   mg_upstream_conf_t *upstreams; size_t nupstreams;
   mg_route_conf_t *routes; size_t nroutes;
+  mg_shared_conf_t *shared; size_t nshared;
+  char *admin_token;          /* bearer token of the admin API, NULL when none */
+  int has_request_hooks;      /* global `request` hooks exist */
+  size_t lua_memory;          /* bytes a worker's Lua VM may allocate, default 128 MiB */
+  double lua_budget;          /* seconds a hook may run between two waits, default 0.1 */
+  char **files;               /* every file the config loaded (itself first), absolute */
+  size_t nfiles;
 } mg_config_t;
 
 /* Loads and validates FILE. On success returns 0 and fills *cfg (cfg->file and every
@@ -119,6 +136,15 @@ typedef struct mg_config {
  * line, FILE written as given (caller frees; NULL only when out of memory). Each call uses
  * its own Lua state, so a reload may call it while an older config is still in use. */
 int mg_config_load(const char *file, mg_config_t *cfg, char **errors);
+
+/* Loads FILE as mg_config_load does, inside VM (a worker's: the hooks the config defines stay
+ * in it). On success also sets *REF (when not NULL) to a registry reference of the config's
+ * Lua values: { request = {fn...}, routes = { [i] = { access = {fn...}, handler = fn,
+ * response = {fn...}, log = {fn...} } } } (route i = cfg->routes[i - 1]). The VM's budget is
+ * left at the config's lua.budget. */
+struct mg_lua_vm_s;
+int mg_config_load_vm(struct mg_lua_vm_s *vm, const char *file, mg_config_t *cfg,
+                      char **errors, int *ref);
 
 /* Frees everything the config owns (safe on a zeroed struct). */
 void mg_config_free(mg_config_t *cfg);

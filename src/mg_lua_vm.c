@@ -31,6 +31,7 @@ struct mg_lua_vm_s {
   int base_ref;       /* the shared base table (also the threads' globals) */
   int env_mt_ref;     /* {__index = base, __metatable = false} */
   int mg_ref;         /* the `mg` table */
+  int trusted_ref;    /* the full globals (debug, os, real load): for moongate's own Lua */
 };
 
 enum { RUN_NEW, RUN_YIELDED, RUN_DONE, RUN_FAILED };
@@ -246,6 +247,7 @@ static int setup_cb(lua_State *L) {
   open_lib(L, luaopen_math, LUA_MATHLIBNAME);
   open_lib(L, luaopen_bit, LUA_BITLIBNAME);
   open_lib(L, luaopen_os, LUA_OSLIBNAME);
+  open_lib(L, luaopen_debug, LUA_DBLIBNAME);
 
   lua_getglobal(L, LUA_STRLIBNAME); /* the string metatable's __index: drop dump there */
   lua_pushnil(L);
@@ -297,8 +299,16 @@ static int setup_cb(lua_State *L) {
   lua_setfield(L, -2, "__metatable");
   vm->env_mt_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 
-  /* The base becomes the globals of every thread, so the full _G (io, os.execute, ...) that
-   * the library openers filled is no longer reachable and gets collected. */
+  /* The full _G the library openers filled (os.execute, debug, ...) stays reachable only
+   * from the registry, for moongate's own trusted Lua (the config loader); it gets `mg` too. */
+  lua_pushvalue(L, LUA_GLOBALSINDEX);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, vm->mg_ref);
+  lua_setfield(L, -2, "mg");
+  lua_pushvalue(L, -2);
+  lua_setfield(L, -2, "sandbox");
+  vm->trusted_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+
+  /* The base becomes the globals of every thread, so user code cannot reach the full _G. */
   lua_pushvalue(L, -1);
   lua_replace(L, LUA_GLOBALSINDEX);
   vm->base_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -549,6 +559,7 @@ struct load_ctx {
   size_t len;
   int env_ref;
   int ref;
+  int trusted;
 };
 
 /* Compiles the chunk on the main state, gives it a fresh environment, moves it to the run. */
@@ -557,7 +568,8 @@ static int load_cb(lua_State *L) {
   char name[LUA_IDSIZE + 2];
   snprintf(name, sizeof(name), "=%s", c->name);
   if (luaL_loadbufferx(L, c->code, c->len, name, "t") != 0) return lua_error(L);
-  push_new_env(L, c->vm);
+  if (c->trusted) lua_rawgeti(L, LUA_REGISTRYINDEX, c->vm->trusted_ref);
+  else push_new_env(L, c->vm);
   lua_pushvalue(L, -1);
   c->env_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_setfenv(L, -2);
@@ -573,8 +585,8 @@ static int keep_cb(lua_State *L) {
   return 0;
 }
 
-int mg_lua_vm_load(mg_lua_vm_t *vm, const char *chunkname, const char *code, size_t len,
-                   char *err, size_t errlen) {
+static int vm_load(mg_lua_vm_t *vm, const char *chunkname, const char *code, size_t len,
+                   int trusted, char *err, size_t errlen) {
   if (len > 0 && code[0] == '\033') {
     set_err(err, errlen, "%s: %s", chunkname, "bytecode chunks are not allowed");
     return -1;
@@ -584,7 +596,7 @@ int mg_lua_vm_load(mg_lua_vm_t *vm, const char *chunkname, const char *code, siz
     set_err(err, errlen, "%s: %s", chunkname, "not enough memory");
     return -1;
   }
-  struct load_ctx c = {vm, run->co, chunkname, code, len, LUA_NOREF, LUA_NOREF};
+  struct load_ctx c = {vm, run->co, chunkname, code, len, LUA_NOREF, LUA_NOREF, trusted};
   if (lua_cpcall(vm->L, load_cb, &c) != 0) {
     set_err(err, errlen, "%s", lua_tostring(vm->L, -1));
     lua_pop(vm->L, 1);
@@ -612,4 +624,19 @@ int mg_lua_vm_load(mg_lua_vm_t *vm, const char *chunkname, const char *code, siz
   if (c.env_ref != LUA_NOREF) luaL_unref(vm->L, LUA_REGISTRYINDEX, c.env_ref);
   mg_lua_run_free(run);
   return ref;
+}
+
+int mg_lua_vm_load(mg_lua_vm_t *vm, const char *chunkname, const char *code, size_t len,
+                   char *err, size_t errlen) {
+  return vm_load(vm, chunkname, code, len, 0, err, errlen);
+}
+
+int mg_lua_vm_load_trusted(mg_lua_vm_t *vm, const char *chunkname, const char *code,
+                           size_t len, char *err, size_t errlen) {
+  return vm_load(vm, chunkname, code, len, 1, err, errlen);
+}
+
+void mg_lua_vm_push_ref(mg_lua_vm_t *vm, lua_State *L, int ref) {
+  (void)vm;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ref); /* every thread of the state shares the registry */
 }

@@ -97,6 +97,15 @@ int mg_lua_vm_register(mg_lua_vm_t *vm, const char *name, lua_CFunction fn);
 int mg_lua_vm_load(mg_lua_vm_t *vm, const char *chunkname, const char *code, size_t len,
                    char *err, size_t errlen);
 
+/* Like mg_lua_vm_load, for moongate's own Lua code (the config loader): the chunk runs with
+ * the full standard globals (debug, os, a `load` that takes an environment) plus `mg` and
+ * `sandbox` (the base table user chunks read their globals from). The same budget applies. */
+int mg_lua_vm_load_trusted(mg_lua_vm_t *vm, const char *chunkname, const char *code,
+                           size_t len, char *err, size_t errlen);
+
+/* Pushes the registry value REF onto L (the main state or a run's thread). */
+void mg_lua_vm_push_ref(mg_lua_vm_t *vm, lua_State *L, int ref);
+
 /* Pushes the light userdata that an I/O wait yields (see mg_task.h). The sandbox's
  * coroutine.resume/wrap pass a yield of this value up to the enclosing coroutine. */
 void mg_lua_vm_push_io_marker(lua_State *L);

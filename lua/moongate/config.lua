@@ -8,7 +8,18 @@
 -- duplicates, address clashes). Every problem is reported, one "file:line: message" each,
 -- sorted by line, so that `moongate check` shows a user the whole list at once.
 --
--- load(display, abs) returns the normalised config (every default filled in, every value in
+-- Hooks. Routes and the global `hooks { ... }` take Lua functions (or "file.lua" paths of
+-- scripts that return one, relative to the config's directory; each such file gets its own
+-- globals). They come back in the normalised config as lists of functions, the global ones
+-- first, so the worker that evaluated the file can run them. After the file has run, its
+-- globals are locked: a hook that assigns a global raises an error instead of sharing state
+-- by accident.
+--
+-- This file runs inside moongate's Lua VM as trusted code (src/mg_lua_vm.c): HOST gives it
+-- read_file (the only way in to the filesystem), the sandbox base (what user code sees as
+-- its globals: mg, pcall, coroutine, ...), and the VM's CPU budget replaces a count hook.
+--
+-- load(display, abs, host) returns the normalised config (every default filled in, every value in
 -- its final unit: bytes, seconds, plain names) that src/mg_config.c copies into the structs of
 -- src/mg_config.h, or nil and the text of the errors. `display` is the path as the user wrote
 -- it (used in messages), `abs` the absolute path (read, and recorded in the config).
@@ -34,7 +45,9 @@ local MAX_STEPS = 100000           -- x STEP_EVERY VM instructions for the whole
 local STEP_EVERY = 1000
 local MAX_PARAMS = 16              -- MG_ROUTER_MAX_PARAMS in src/mg_router.h
 
-local DIRECTIVES = { "gateway", "limits", "listen", "upstream", "route", "env" }
+local DIRECTIVES = { "gateway", "limits", "listen", "upstream", "route", "env", "hooks",
+                     "shared", "admin", "lua" }
+local HOOKS = { "request", "access", "handler", "response", "log" }
 local LOG_LEVELS = { "debug", "info", "warn", "error", "off" }
 local METHODS = { "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT" }
 local DEFAULT_REDACT = { "apikey", "token", "access_token" }
@@ -532,6 +545,8 @@ local BOOLEANS = { ["true"] = true, ["1"] = true, yes = true, on = true,
 
 local function make_env(st)
   local env = {}
+  -- What hooks use at run time: mg, pcall, coroutine, ... (the sandbox's base).
+  for k, v in pairs(st.host.sandbox) do env[k] = v end
 
   local function declare(kind, name, t, line)
     st.decls[#st.decls + 1] = { kind = kind, name = name, line = line, t = copy(t, {}) }
@@ -580,6 +595,10 @@ local function make_env(st)
   env.listen = named("listen", 'listen { port = 8080 } or listen "name" { port = 8080 }', true)
   env.upstream = named("upstream", 'upstream "name" { "host:port", ... }')
   env.route = named("route", 'route "GET /path" { upstream = "name" }')
+  env.hooks = plain("hooks")
+  env.admin = plain("admin")
+  env.lua = plain("lua")
+  env.shared = named("shared", 'shared "name" { size = "1m" }')
 
   -- env("NAME", default): an environment variable; a number or boolean default converts it.
   env.env = function(name, default)
@@ -608,14 +627,8 @@ local function make_env(st)
     return v
   end
 
-  env.string = copy_lib(string, { dump = true })
-  env.table = copy_lib(table)
-  env.math = copy_lib(math)
-  env.os = { getenv = os.getenv }
-  for _, k in ipairs({ "pairs", "ipairs", "next", "tostring", "tonumber", "type", "error",
-                       "assert", "select", "unpack" }) do
-    env[k] = _G[k]
-  end
+  env.os = copy_lib(st.host.sandbox.os or {})
+  env.os.getenv = os.getenv
 
   local names = {}
   for _, d in ipairs(DIRECTIVES) do names[#names + 1] = d end
@@ -729,8 +742,24 @@ local TARGET = { { "weight", integer(1) } }
 -- unknown-key reports.
 local ROUTE = {
   { "upstream" }, { "respond" }, { "listen" }, { "strip_prefix" }, { "rewrite" }, { "host" },
-  { "host_header" }, { "name" }, { "max_body" },
+  { "host_header" }, { "name" }, { "max_body" }, { "access" }, { "handler" }, { "response" },
+  { "log" },
 }
+
+local SHARED = { { "size", size(16 * 1024), required = true } }
+
+local ADMIN = {
+  { "port", integer(1, 65535), default = 9180 },
+  { "host", bind_host, default = "127.0.0.1" },
+  { "token", text },
+}
+
+local LUA = {
+  { "memory", size(4 * 1024 * 1024), default = 128 * 1024 * 1024 },
+  { "budget", duration(true), default = 0.1 },
+}
+
+local GLOBAL_HOOKS = { { "request" }, { "access" }, { "response" }, { "log" } }
 
 local RESPOND = { { "status" }, { "body" }, { "headers" } }
 
@@ -1088,6 +1117,169 @@ local function check_respond(st, d, v, out)
   out.respond_headers = list
 end
 
+---------------------------------------------------------------------------------------------
+-- Hooks: functions, or scripts that return one
+---------------------------------------------------------------------------------------------
+
+-- Globals assigned by a hook at run time would be shared by every request of the worker:
+-- once loading is over, an environment refuses new globals.
+local function lock_env(env)
+  setmetatable(env, {
+    __newindex = function(_, k)
+      error(format("assignment to undeclared global %s (hooks share their file's globals: " ..
+                   "use a local, or req.ctx for per-request state)", keyname(k)), 2)
+    end,
+  })
+end
+
+-- Loads a "file.lua" script (relative to the config's directory) that returns a function.
+-- Each script gets its own globals; one loaded twice is shared.
+local function load_script(st, d, what, path)
+  local key = path
+  if st.scripts[key] ~= nil then return st.scripts[key] or nil end
+  st.scripts[key] = false
+  local full = path:sub(1, 1) == "/" and path or st.dir .. "/" .. path
+  local src, err = read_lua(st, full)
+  if not src then
+    st:error(d.line, "%s: %s script %s: %s", d.ctx, what, quote(path), err)
+    return nil
+  end
+  st.files[#st.files + 1] = full
+  local name = #path <= 55 and path or "..." .. path:sub(-52)
+  local env = setmetatable({}, { __index = st.host.sandbox })
+  local fn, perr = load(src, "=" .. name, "t", env)
+  if not fn then
+    st:error(d.line, "%s: %s script %s", d.ctx, what, perr)
+    return nil
+  end
+  local ok, res = xpcall(fn, function(e) return tostring(e) end)
+  if not ok then
+    st:error(d.line, "%s: %s script %s failed while loading: %s", d.ctx, what, quote(path), res)
+    return nil
+  end
+  if type(res) ~= "function" then
+    st:error(d.line, "%s: %s script %s must return a function, got %s", d.ctx, what,
+             quote(path), describe(res))
+    return nil
+  end
+  st.envs[#st.envs + 1] = env
+  st.scripts[key] = res
+  return res
+end
+
+-- A hook setting: a function, a "file.lua" path, or (unless SINGLE) a list of them.
+-- Returns the list of functions.
+local function hook_list(st, d, what, v, single)
+  local list = {}
+  local usage = single and 'a function or a "file.lua" path'
+                       or 'a function, a "file.lua" path or a list of them'
+  local function one(x)
+    if type(x) == "function" then
+      list[#list + 1] = x
+    elseif type(x) == "string" and x:match("%.lua$") then
+      list[#list + 1] = load_script(st, d, what, x)
+    else
+      st:error(d.line, "%s: %s must be %s, got %s", d.ctx, what, usage, describe(x))
+    end
+  end
+  if type(v) == "table" and not single then
+    for k in pairs(v) do
+      if type(k) ~= "number" or k < 1 or k > #v or k % 1 ~= 0 then
+        st:error(d.line, "%s: %s must be a list of hooks, got a table with key %s", d.ctx,
+                 what, keyname(k))
+        return list
+      end
+    end
+    for i = 1, #v do one(v[i]) end
+  else
+    one(v)
+  end
+  return list
+end
+
+local function check_global_hooks(st, decls)
+  local out = { request = {}, access = {}, response = {}, log = {} }
+  local first
+  for _, d in ipairs(decls) do
+    if d.kind == "hooks" then
+      d.ctx = "hooks"
+      if first then
+        st:error(d.line, "hooks is declared twice (first at line %s)", tostring(first.line))
+      else
+        first = d
+        unknown_keys(st, d, d.t, GLOBAL_HOOKS, false)
+        for _, f in ipairs(GLOBAL_HOOKS) do
+          if d.t[f[1]] ~= nil then out[f[1]] = hook_list(st, d, f[1], d.t[f[1]]) end
+        end
+      end
+    end
+  end
+  return out
+end
+
+-- A list of the global hooks followed by the route's own.
+local function joined(a, b)
+  local out = {}
+  for i = 1, #a do out[#out + 1] = a[i] end
+  for i = 1, #b do out[#out + 1] = b[i] end
+  return out
+end
+
+local function check_shared(st, decls)
+  local out, seen = {}, {}
+  for _, d in ipairs(decls) do
+    if d.kind == "shared" then
+      d.ctx = "shared " .. quote(d.name)
+      local sh = read_fields(st, d, d.t, SHARED)
+      if not name_ok(d.name) then st:error(d.line, "%s: the name %s", d.ctx, NAME_RULE) end
+      if seen[d.name] then
+        st:error(d.line, "%s: a dictionary of that name is already declared at line %s",
+                 d.ctx, tostring(seen[d.name]))
+      else
+        seen[d.name] = d.line
+        sh.name = d.name
+        out[#out + 1] = sh
+      end
+    end
+  end
+  return out
+end
+
+local function loopback(host)
+  return host == "::1" or host:match("^127%.") ~= nil
+end
+
+local function check_admin(st, decls, listens)
+  local a
+  for _, d in ipairs(decls) do
+    if d.kind == "admin" then
+      d.ctx = "admin"
+      if a then
+        st:error(d.line, "admin is declared twice (first at line %s)", tostring(a.line))
+      else
+        local bad
+        a, bad = read_fields(st, d, d.t, ADMIN)
+        a.line = d.line
+        if not bad.host and not loopback(a.host) and not a.token then
+          st:error(d.line, "admin: host %s is not a loopback address, so a token is required " ..
+                   '(token = env("MOONGATE_ADMIN_TOKEN"))', a.host)
+        end
+        if not (bad.port or bad.host) then
+          for _, o in ipairs(listens) do
+            if overlap(a, o) then
+              st:error(d.line, "admin: %s is already used by the listener at line %s",
+                       show_addr(a.host, a.port), tostring(o.line))
+              break
+            end
+          end
+        end
+      end
+    end
+  end
+  if a then a.line = nil end
+  return a
+end
+
 local function check_route(st, d, upstreams, listens, default_listen)
   d.ctx = "route " .. quote(d.name)
   local t = d.t
@@ -1143,12 +1335,26 @@ local function check_route(st, d, upstreams, listens, default_listen)
     end
   end
 
-  -- What it does: proxy or respond.
+  -- What it does: proxy, respond, or run a handler.
   local proxies = t.upstream ~= nil
-  if t.upstream ~= nil and t.respond ~= nil then
-    st:error(d.line, "%s: has both upstream and respond; keep one", d.ctx)
-  elseif t.upstream == nil and t.respond == nil then
-    st:error(d.line, '%s: needs upstream = "name" or respond = { status, body }', d.ctx)
+  local actions = (t.upstream ~= nil and 1 or 0) + (t.respond ~= nil and 1 or 0) +
+                  (t.handler ~= nil and 1 or 0)
+  if actions > 1 then
+    st:error(d.line, "%s: has more than one of upstream, respond and handler; keep one", d.ctx)
+  elseif actions == 0 then
+    st:error(d.line, '%s: needs upstream = "name", respond = { status, body } or ' ..
+             'handler = function(req) ... end', d.ctx)
+  end
+  local g = st.global_hooks
+  out.hooks = {
+    access = joined(g.access, t.access ~= nil and hook_list(st, d, "access", t.access) or {}),
+    response = joined(g.response,
+                      t.response ~= nil and hook_list(st, d, "response", t.response) or {}),
+    log = joined(g.log, t.log ~= nil and hook_list(st, d, "log", t.log) or {}),
+  }
+  if t.handler ~= nil then
+    out.hooks.handler = hook_list(st, d, "handler", t.handler, true)[1]
+    out.has_handler = true
   end
   if t.upstream ~= nil then
     if type(t.upstream) ~= "string" then
@@ -1296,26 +1502,23 @@ end
 -- Loading
 ---------------------------------------------------------------------------------------------
 
-local function read_source(st, path)
-  local f, err = io.open(path, "rb")
-  if not f then
-    local why = err and err:sub(1, #path + 2) == path .. ": " and err:sub(#path + 3) or err
-    st:error(nil, "cannot open the config file: %s", tostring(why))
-    return nil
-  end
-  local src, rerr = f:read("*a")
-  f:close()
-  if not src then
-    st:error(nil, "cannot read the config file: %s", tostring(rerr))
-    return nil
-  end
-  if src:byte(1) == 27 then
-    st:error(nil, "is a precompiled Lua file; only source text is accepted")
-    return nil
-  end
+-- Reads a Lua source file; returns its text, or nil, why and whether it could not be read.
+local function read_lua(st, path)
+  local src, err = st.host.read_file(path)
+  if not src then return nil, tostring(err), true end
+  if src:byte(1) == 27 then return nil, "is a precompiled Lua file; only source text is accepted" end
   if src:sub(1, 3) == "\239\187\191" then src = src:sub(4) end
   -- A "#!" first line is skipped as lua(1) does; its newline stays, so lines keep numbers.
   if src:sub(1, 1) == "#" then src = src:gsub("^[^\n]*", "", 1) end
+  return src
+end
+
+local function read_source(st, path)
+  local src, err, unreadable = read_lua(st, path)
+  if not src then
+    st:error(nil, unreadable and "cannot open the config file: %s" or "%s", err)
+    return nil
+  end
   return src
 end
 
@@ -1332,6 +1535,7 @@ end
 
 local function run(st, src)
   local env = make_env(st)
+  st.env = env
   local fn, perr = load(src, CHUNK, "t", env)
   if not fn then
     runtime_error(st, { msg = perr })
@@ -1349,12 +1553,16 @@ local function run(st, src)
     local msg = type(e) == "string" and e or "error object is " .. describe(e)
     return { msg = msg, line = st:user_line() }
   end
-  -- The count hook stops an endless loop; hooks do not fire in compiled traces, and a config
-  -- file gains nothing from the JIT, so it is off in this state.
-  if jit then jit.off() end
-  debug.sethook(on_count, "", STEP_EVERY)
-  local ok, e = xpcall(fn, on_error)
-  debug.sethook()
+  -- An endless loop is stopped by the VM's CPU budget (the VM runs without the JIT, so its
+  -- count hook always fires); on_count is kept for a host without one.
+  local ok, e
+  if st.host.budgeted then
+    ok, e = xpcall(fn, on_error)
+  else
+    debug.sethook(on_count, "", STEP_EVERY)
+    ok, e = xpcall(fn, on_error)
+    debug.sethook()
+  end
   if not ok then
     runtime_error(st, e)
     return false
@@ -1364,9 +1572,13 @@ end
 
 -- Evaluates and checks the config file. DISPLAY is the path shown in messages, ABS the path
 -- read and recorded. Returns the normalised config, or nil and the errors' text.
-function M.load(display, abs)
+function M.load(display, abs, host)
   abs = abs or display
   local st = new_state(display, abs)
+  st.host = host
+  host.sandbox = host.sandbox or sandbox  -- the trusted environment's view of the sandbox
+  st.dir = abs:match("^(.*)/[^/]*$") or "."
+  st.files, st.scripts, st.envs = { abs }, {}, {}
   local src = read_source(st, abs)
   if not src then return nil, st:text() end
   local ran = run(st, src)
@@ -1386,6 +1598,10 @@ function M.load(display, abs)
   local limits = singleton(st, decls, "limits", LIMITS)
   local listens, listen_names, default_listen = check_listens(st, decls)
   local upstreams, upstream_names = check_upstreams(st, decls)
+  st.global_hooks = check_global_hooks(st, decls)
+  local shared = check_shared(st, decls)
+  local admin = check_admin(st, decls, listens)
+  local lua = singleton(st, decls, "lua", LUA)
   st.nlistens = 0
   for _, d in ipairs(decls) do
     if d.kind == "listen" then st.nlistens = st.nlistens + 1 end
@@ -1398,6 +1614,10 @@ function M.load(display, abs)
   if #st.errors > 0 then return nil, st:text() end
 
   for _, l in ipairs(listens) do l.line = nil end
+  lock_env(st.env)
+  for _, env in ipairs(st.envs) do lock_env(env) end
+  local route_hooks = {}
+  for i, r in ipairs(routes) do route_hooks[i] = r.hooks; r.hooks = nil end
   return {
     file = abs,
     workers = gw.workers,
@@ -1411,6 +1631,11 @@ function M.load(display, abs)
     listens = listens,
     upstreams = upstreams,
     routes = routes,
+    shared = shared,
+    admin = admin,
+    lua = lua,
+    files = st.files,
+    hooks = { request = st.global_hooks.request, routes = route_hooks },
   }
 end
 

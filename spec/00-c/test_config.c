@@ -476,8 +476,8 @@ static const char *const bad_route_errors[] = {
     ":13: route \"/h/:a/../:\": a parameter needs a name (:name)",
     ":15: route \"GET,POST /users/:uid\": unknown key 'strp'",
     ":15: route \"GET,POST /users/:uid\": duplicates route \"GET /users/:id\" declared at line 14",
-    ":16: route \"/i\": needs upstream = \"name\" or respond = { status, body }",
-    ":17: route \"/j\": has both upstream and respond; keep one",
+    ":16: route \"/i\": needs upstream = \"name\", respond = { status, body } or handler = function(req) ... end",
+    ":17: route \"/j\": has more than one of upstream, respond and handler; keep one",
     ":18: unknown directive or variable 'print'",
     ":18: route \"/k\": respond status must be an integer in 200..599, got 99",
     ":18: route \"/k\": strip_prefix only applies to routes with an upstream",
@@ -501,7 +501,7 @@ static const char *const bad_route_errors[] = {
     ":25: route \"/t\": max_body must be a size in bytes (a number, or a string like \"512\", \"16k\", \"1m\", \"1g\"), got \"big\"",
     ":26: route \"/u\": host is an empty list (leave host out to match any host)",
     ":26: route \"/u\": name \"dup\" is already used by the route at line 25",
-    ":27: route \"/v\": has both upstream and respond; keep one",
+    ":27: route \"/v\": has more than one of upstream, respond and handler; keep one",
     ":27: route \"/v\": upstream must be an upstream name, got 5",
     ":27: route \"/v\": respond body: a table key true cannot be encoded as JSON",
     ":28: route \"/w\": names no listener, and there is no default listener (add listen { port = ... }, or listen = \"name\" here)",
@@ -527,7 +527,7 @@ static const char *const bad_error_call_errors[] = {
 };
 
 static const char *const bad_unknown_errors[] = {
-    ":2: unknown directive or variable 'admn'",
+    ":2: unknown directive or variable 'admn' (did you mean 'admin'?)",
     ":4: unknown directive or variable 'lisen' (did you mean 'listen'?)",
     ":5: gateway takes a table: gateway { ... }, got \"prod\"",
     ":6: limits takes a table: limits { ... }, got 5",
@@ -542,7 +542,7 @@ static const char *const bad_sandbox_errors[] = {
     ":3: unknown directive or variable 'io'",
     ":4: unknown directive or variable 'require'",
     ":5: unknown directive or variable 'print'",
-    ":6: unknown directive or variable 'load'",
+    ":6: unknown directive or variable 'loadfile'",
     ":7: unknown directive or variable 'dofile'",
     ":8: unknown directive or variable '_G'",
     ":9: unknown directive or variable 'getfenv'",
