@@ -18,6 +18,7 @@
   X(EXPECTATION_FAILED, 417, "expectation not supported")              \
   X(HEADERS_TOO_LARGE, 431, "request header fields too large")         \
   X(INTERNAL, 500, "internal error")                                   \
+  X(SCRIPT_ERROR, 500, "script error")                                 \
   X(NOT_IMPLEMENTED, 501, "transfer coding not implemented")           \
   X(BAD_GATEWAY, 502, "upstream failed")                               \
   X(NO_UPSTREAM, 503, "no healthy upstream")                           \
@@ -71,6 +72,9 @@ int mg_http_connection_lists(const char *v, size_t len, const char *name, size_t
 
 /* Case-insensitive equality of A (ALEN bytes) and the NUL-terminated lower-case B. */
 int mg_http_ieq(const char *a, size_t alen, const char *b);
+
+/* Whether A and B (lengths given) are equal ignoring ASCII case. */
+int mg_http_ieq_n(const char *a, size_t alen, const char *b, size_t blen);
 
 /* True when S (LEN bytes) is a non-empty RFC 9110 token. */
 int mg_http_is_token(const char *s, size_t len);

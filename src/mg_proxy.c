@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mg_hooks.h"
 #include "mg_log.h"
 #include "mg_proxy.h"
 #include "mg_write.h"
@@ -337,6 +338,13 @@ static void append_upstream_path(mg_buf_t *b, const mg_request_t *req) {
   }
 }
 
+/* Whether a hook set or removed the field NAME (req:set_header). */
+static int edited(const mg_header_edit_t *e, size_t n, const char *name, size_t len) {
+  for (size_t i = 0; i < n; i++)
+    if (mg_http_ieq_n(e[i].name, strlen(e[i].name), name, len)) return 1;
+  return 0;
+}
+
 static void build_request_head(mg_proxy_t *p, mg_buf_t *b) {
   const mg_request_t *req = p->req;
   const mg_route_conf_t *r = req->route;
@@ -350,10 +358,13 @@ static void build_request_head(mg_proxy_t *p, mg_buf_t *b) {
   else mg_buf_puts(b, p->target->name);
   mg_buf_append(b, "\r\n", 2);
   int conn_names = req->connection_names;
+  size_t nedits = 0;
+  const mg_header_edit_t *edits = req->hooks ? mg_hooks_header_edits(req, &nedits) : NULL;
   for (size_t i = 0; i < req->nheaders; i++) {
     const mg_header_t *h = &req->headers[i];
     const char *n = h->name;
     size_t nl = h->name_len;
+    if (nedits && edited(edits, nedits, n, nl)) continue;
     switch (h->id) {
       case MG_HDR_OTHER: case MG_HDR_USER_AGENT: case MG_HDR_AUTHORIZATION:
       case MG_HDR_PROXY_AUTHORIZATION: case MG_HDR_COOKIE:
@@ -366,6 +377,15 @@ static void build_request_head(mg_proxy_t *p, mg_buf_t *b) {
     mg_buf_append(b, ": ", 2);
     mg_buf_append(b, h->value, h->value_len);
     mg_buf_append(b, "\r\n", 2);
+  }
+  /* Fields a hook set (the last value set for a name wins; nil removed it). */
+  for (size_t i = 0; i < nedits; i++) {
+    size_t len = strlen(edits[i].name);
+    int later = 0;
+    for (size_t j = i + 1; j < nedits && !later; j++)
+      later = mg_http_ieq_n(edits[j].name, strlen(edits[j].name), edits[i].name, len);
+    if (later || !edits[i].value) continue;
+    mg_buf_printf(b, "%s: %s\r\n", edits[i].name, edits[i].value);
   }
   mg_conn_t *c = req->conn;
   /* X-Forwarded-For: every incoming value (unless Connection named it), then the client. */
@@ -388,7 +408,11 @@ static void build_request_head(mg_proxy_t *p, mg_buf_t *b) {
   mg_buf_append(b, "X-Request-Id: ", 14);
   mg_buf_puts(b, req->id);
   mg_buf_append(b, "\r\n", 2);
-  if (req->chunked) mg_buf_append(b, "Transfer-Encoding: chunked\r\n", 28);
+  const char *body;
+  size_t body_len;
+  if (req->hooks && mg_hooks_request_body(req, &body, &body_len))  /* read whole by a hook */
+    mg_buf_printf(b, "Content-Length: %zu\r\n", body_len);
+  else if (req->chunked) mg_buf_append(b, "Transfer-Encoding: chunked\r\n", 28);
   else if (req->content_length >= 0 && (req->content_length > 0 || req->method == HTTP_POST ||
                                         req->method == HTTP_PUT || req->method == HTTP_PATCH))
     mg_buf_printf(b, "Content-Length: %lld\r\n", (long long)req->content_length);
@@ -470,6 +494,10 @@ static void proxy_send(mg_proxy_t *p) {
   if (req->method == HTTP_HEAD) p->no_body = 1;
   p->reqhead.len = 0;
   build_request_head(p, &p->reqhead);
+  const char *body;
+  size_t body_len;
+  if (req->hooks && mg_hooks_request_body(req, &body, &body_len))
+    mg_buf_append(&p->reqhead, body, body_len);   /* one write: head and the body a hook read */
   int rc = upstream_write(p, p->reqhead.data, p->reqhead.len);
   if (rc != 0 && !p->reused) {
     mg_upstream_report(p->target, 0);

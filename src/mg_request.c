@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mg_hooks.h"
 #include "mg_log.h"
 #include "mg_proxy.h"
 #include "mg_request.h"
@@ -18,6 +19,7 @@
  * worker serves requests without calling malloc for them. */
 #define MG_SPARE_REQUESTS 64
 #define MG_SPARE_BUF_MAX (16 * 1024)
+#define MG_MAX_ANSWER_HEADERS 128
 
 static void hex16(char *out, uint64_t v) {
   static const char digits[] = "0123456789abcdef";
@@ -53,6 +55,7 @@ mg_request_t *mg_request_new(mg_conn_t *c) {
 void mg_request_free(mg_request_t *req) {
   mg_worker_t *w = req->w;
   req->headers = NULL;
+  if (req->hooks) mg_hooks_request_free(req);
   if (req->gen) {
     mg_gen_release(req->gen);
     req->gen = NULL;
@@ -231,22 +234,117 @@ static void request_run(mg_request_t *req) {
   for (;;) {
     switch (req->phase) {
       case MG_PHASE_REQUEST:
-        /* Global `request` hooks run here (Lua issue). Then the route is picked. */
+        /* Global `request` hooks (they may change the path), then the route is picked. */
+        if (req->gen->cfg.has_request_hooks && !req->request_hooks_ran) {
+          req->request_hooks_ran = 1;
+          mg_hooks_run(req, MG_HOOK_REQUEST);  /* goes on with mg_request_continue */
+          return;
+        }
         req->phase = MG_PHASE_ACCESS;
         if (request_route(req) != 0) return;
         break;
       case MG_PHASE_ACCESS:
-        /* Route and global `access` hooks run here (Lua issue). */
         req->phase = MG_PHASE_HANDLER;
+        if (req->route->hooks & MG_HOOK_BIT(MG_HOOK_ACCESS)) {
+          mg_hooks_run(req, MG_HOOK_ACCESS);
+          return;
+        }
         break;
       case MG_PHASE_HANDLER:
         req->phase = MG_PHASE_RESPONSE;
+        if (req->route->hooks & MG_HOOK_BIT(MG_HOOK_HANDLER)) {
+          mg_hooks_run(req, MG_HOOK_HANDLER);
+          return;
+        }
         request_handler(req);
         return;
       default:
         return;
     }
   }
+}
+
+void mg_request_continue(mg_request_t *req) { request_run(req); }
+
+/* A Lua handler's answer going through the response hooks. */
+typedef struct handler_answer {
+  mg_hook_response_t resp;
+  mg_buf_t lines;                 /* "Name: value\r\n" */
+  mg_buf_t body;
+  mg_header_t headers[MG_MAX_ANSWER_HEADERS];
+} handler_answer_t;
+
+static void handler_answer_abort(mg_request_t *req) {
+  handler_answer_t *a = req->handler;
+  req->handler = NULL;
+  mg_buf_dispose(&a->lines);
+  mg_buf_dispose(&a->body);
+  free(a);
+}
+
+static void handler_answer_done(mg_request_t *req) {
+  handler_answer_t *a = req->handler;
+  req->handler = NULL;
+  req->on_abort = NULL;
+  mg_buf_t head;
+  mg_buf_init(&head);
+  int status = mg_hooks_response_head(req, &head);
+  const char *body = a->body.data ? a->body.data : "";
+  size_t len = a->body.len;
+  mg_hooks_response_body(req, &body, &len);
+  mg_buf_t filtered;
+  mg_buf_init(&filtered);
+  if (mg_hooks_has_filters(req)) {
+    if (mg_hooks_filter(req, body, len, 1, &filtered) == 0) {
+      body = filtered.data ? filtered.data : "";
+      len = filtered.len;
+    } else {
+      status = 0;
+    }
+  }
+  if (status) mg_request_respond(req, status, NULL, body, len, head.data, head.len);
+  else mg_request_error(req, MG_HTTP_E_SCRIPT_ERROR);
+  mg_buf_dispose(&filtered);
+  mg_buf_dispose(&head);
+  mg_buf_dispose(&a->lines);
+  mg_buf_dispose(&a->body);
+  free(a);
+}
+
+void mg_request_handler_answer(mg_request_t *req, int status, const char *content_type,
+                               const char *body, size_t body_len, const char *headers,
+                               size_t headers_len) {
+  handler_answer_t *a = calloc(1, sizeof *a);
+  if (!a) {
+    mg_request_error(req, MG_HTTP_E_INTERNAL);
+    return;
+  }
+  if (content_type) mg_buf_printf(&a->lines, "Content-Type: %s\r\n", content_type);
+  mg_buf_append(&a->lines, headers, headers_len);
+  mg_buf_append(&a->body, body, body_len);
+  /* Split the lines (checked when they were made) into name/value pairs. */
+  size_t n = 0;
+  const char *s = a->lines.data, *end = s ? s + a->lines.len : NULL;
+  while (s && s < end && n < MG_MAX_ANSWER_HEADERS) {
+    const char *eol = memchr(s, '\r', (size_t)(end - s));
+    const char *colon = memchr(s, ':', (size_t)(end - s));
+    if (!eol || !colon || colon > eol) break;
+    a->headers[n].name = s;
+    a->headers[n].name_len = (size_t)(colon - s);
+    a->headers[n].value = colon + 2;
+    a->headers[n].value_len = (size_t)(eol - colon - 2);
+    n++;
+    s = eol + 2;
+  }
+  a->resp.status = status;
+  a->resp.headers = a->headers;
+  a->resp.nheaders = n;
+  a->resp.body = a->body.data ? a->body.data : "";
+  a->resp.body_len = a->body.len;
+  a->resp.done = handler_answer_done;
+  req->handler = a;
+  req->on_abort = handler_answer_abort;
+  mg_hooks_run_response(req, &a->resp);
 }
 
 void mg_request_start(mg_request_t *req) {
@@ -260,7 +358,8 @@ void mg_request_start(mg_request_t *req) {
  * ---------------------------------------------------------------------------------------- */
 
 void mg_request_log(mg_request_t *req) {
-  req->phase = MG_PHASE_LOG;                 /* `log` hooks run here (Lua issue) */
+  req->phase = MG_PHASE_LOG;
+  mg_hooks_run_log(req);                     /* on their own task: the client is not held */
   if (!mg_access_log_enabled()) {
     req->phase = MG_PHASE_DONE;
     return;

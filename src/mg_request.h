@@ -85,6 +85,7 @@ struct mg_request {
   unsigned aborted : 1;
   unsigned version_seen : 1;
   unsigned connection_names : 1;  /* a Connection header names fields to drop upstream */
+  unsigned request_hooks_ran : 1; /* the global request hooks have run */
   uint32_t hosts_seen;
   size_t url_bytes, header_bytes, chunk_ext_bytes;
   uint64_t body_received;
@@ -104,6 +105,9 @@ struct mg_request {
   uint64_t bytes_in, bytes_out;
   const char *upstream_name;
   double upstream_time;           /* seconds, < 0 when not proxied */
+
+  /* ---- Lua hooks (mg_hooks.c), NULL when none ran */
+  void *hooks;
 
   /* ---- the handler that produces the response (the proxy) */
   void *handler;
@@ -194,6 +198,15 @@ void mg_request_free_spares(mg_worker_t *w);
 /* The handler finished the response: once the writes drain, the LOG phase runs and the
  * connection serves the next request or closes. */
 void mg_request_done(mg_request_t *req);
+
+/* Goes on with the phases after a hook step finished without answering. */
+void mg_request_continue(mg_request_t *req);
+
+/* A Lua handler answered and the route has response hooks: runs them on the answer, then
+ * sends it. */
+void mg_request_handler_answer(mg_request_t *req, int status, const char *content_type,
+                               const char *body, size_t body_len, const char *headers,
+                               size_t headers_len);
 
 /* Answers a gateway error as JSON ({"error","status","request_id"}); if the response head was
  * already sent, the connection is aborted instead (the client sees a truncated response). */

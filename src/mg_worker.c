@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/random.h>
 
+#include "mg_hooks.h"
 #include "mg_log.h"
 #include "mg_proxy.h"
 #include "mg_request.h"
@@ -59,20 +60,40 @@ static void on_signal(uv_signal_t *s, int signum) {
   worker_stop(w);
 }
 
-/* The first generation: the config the master validated, loaded again by this worker. */
-static int worker_first_gen(mg_worker_t *w) {
+/* Evaluates the config file in this worker's VM and builds a generation from it. Returns
+ * NULL with the errors (malloc'd text, file:line per line) in *ERRORS. */
+mg_gen_t *mg_worker_load_gen(mg_worker_t *w, uint64_t id, char **errors) {
   mg_config_t cfg;
-  char *errors = NULL;
-  if (mg_config_load(w->cfg->file, &cfg, &errors) != 0) {
-    mg_log_error("worker: cannot load %s: %s", w->cfg->file, errors ? errors : "out of memory");
-    free(errors);
+  int ref = -1;
+  *errors = NULL;
+  if (mg_config_load_vm(w->vm, w->cfg->file, &cfg, errors, &ref) != 0) return NULL;
+  char err[256] = "";
+  mg_gen_t *g = mg_gen_new(w, &cfg, id, err, sizeof err);
+  mg_config_free(&cfg);
+  if (!g) {
+    mg_lua_vm_unref(w->vm, ref);
+    *errors = strdup(err);
+    return NULL;
+  }
+  g->lua_ref = ref;
+  g->lua_unref = mg_hooks_gen_unref;
+  return g;
+}
+
+/* The worker's VM and its first generation: the config the master validated, evaluated again
+ * here so that its hooks live in this worker's VM. */
+static int worker_first_gen(mg_worker_t *w) {
+  char err[256] = "";
+  w->vm = mg_lua_vm_new(w->cfg->lua_memory, err, sizeof err);
+  if (!w->vm || mg_hooks_vm_init(w->vm, err, sizeof err) != 0) {
+    mg_log_error("worker: cannot set up Lua: %s", err);
     return -1;
   }
-  char err[256] = "";
-  w->gen = mg_gen_new(w, &cfg, 1, err, sizeof err);
-  mg_config_free(&cfg);
+  char *errors = NULL;
+  w->gen = mg_worker_load_gen(w, 1, &errors);
   if (!w->gen) {
-    mg_log_error("worker: %s", err);
+    mg_log_error("worker: cannot load %s: %s", w->cfg->file, errors ? errors : "out of memory");
+    free(errors);
     return -1;
   }
   return 0;
@@ -149,6 +170,7 @@ int mg_worker_run(const mg_config_t *cfg, const int *fds) {
   uv_loop_close(&w->loop);
   mg_request_free_spares(w);
   mg_proxy_free_spares();
+  mg_lua_vm_free(w->vm);
   free(w->listeners);
   free(w);
   return 0;

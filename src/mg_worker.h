@@ -59,6 +59,10 @@ typedef struct mg_worker {
 int mg_worker_run(const mg_config_t *cfg, const int *fds);
 
 
+/* Evaluates the config file in W's VM and builds generation ID from it. Returns NULL with
+ * the errors (malloc'd, one "file:line: message" per line) in *ERRORS. */
+mg_gen_t *mg_worker_load_gen(mg_worker_t *w, uint64_t id, char **errors);
+
 /* libuv allocation callback handing out the worker's shared read buffer (handle->loop->data
  * is the worker). The read callback must consume or copy the bytes before returning. */
 void mg_worker_alloc_cb(uv_handle_t *handle, size_t suggested, uv_buf_t *buf);

@@ -1117,6 +1117,17 @@ local function check_respond(st, d, v, out)
   out.respond_headers = list
 end
 
+-- Reads a Lua source file; returns its text, or nil, why and whether it could not be read.
+local function read_lua(st, path)
+  local src, err = st.host.read_file(path)
+  if not src then return nil, tostring(err), true end
+  if src:byte(1) == 27 then return nil, "is a precompiled Lua file; only source text is accepted" end
+  if src:sub(1, 3) == "\239\187\191" then src = src:sub(4) end
+  -- A "#!" first line is skipped as lua(1) does; its newline stays, so lines keep numbers.
+  if src:sub(1, 1) == "#" then src = src:gsub("^[^\n]*", "", 1) end
+  return src
+end
+
 ---------------------------------------------------------------------------------------------
 -- Hooks: functions, or scripts that return one
 ---------------------------------------------------------------------------------------------
@@ -1501,17 +1512,6 @@ end
 ---------------------------------------------------------------------------------------------
 -- Loading
 ---------------------------------------------------------------------------------------------
-
--- Reads a Lua source file; returns its text, or nil, why and whether it could not be read.
-local function read_lua(st, path)
-  local src, err = st.host.read_file(path)
-  if not src then return nil, tostring(err), true end
-  if src:byte(1) == 27 then return nil, "is a precompiled Lua file; only source text is accepted" end
-  if src:sub(1, 3) == "\239\187\191" then src = src:sub(4) end
-  -- A "#!" first line is skipped as lua(1) does; its newline stays, so lines keep numbers.
-  if src:sub(1, 1) == "#" then src = src:gsub("^[^\n]*", "", 1) end
-  return src
-end
 
 local function read_source(st, path)
   local src, err, unreadable = read_lua(st, path)
