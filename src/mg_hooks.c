@@ -619,6 +619,12 @@ static int l_res_set_header(lua_State *L) {
   if (!lua_isnil(L, 3) && lua_type(L, 3) != LUA_TSTRING && lua_type(L, 3) != LUA_TNUMBER)
     return luaL_error(L, "res:set_header: the value of %s must be a string, a number or nil", name);
   if (!header_name_ok(name, n)) return luaL_error(L, "res:set_header: invalid header name %q", name);
+  if (lua_type(L, 3) == LUA_TSTRING) {
+    size_t vl;
+    const char *v = lua_tolstring(L, 3, &vl);
+    if (!header_value_ok(v, vl))
+      return luaL_error(L, "res:set_header: the value of %s contains CR, LF or NUL", name);
+  }
   lua_getfield(L, 1, "headers");
   push_lower(L, name, n);
   lua_pushvalue(L, 3);

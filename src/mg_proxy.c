@@ -54,6 +54,15 @@ typedef struct mg_proxy {
   unsigned failed : 1;
   unsigned head_written : 1;      /* the request head went to uc: body bytes may follow */
   unsigned write_failed : 1;      /* a write to uc failed; the failure is reported from the loop */
+  /* response hooks (the route has some): the head waits until they finish */
+  unsigned hooked : 1;            /* status and headers went to the hooks, not to the client */
+  unsigned hooks_started : 1;
+  unsigned collecting : 1;        /* res:body(): the whole body is being read */
+  unsigned collect_too_large : 1;
+  int64_t upstream_cl;            /* the upstream's Content-Length, -1 when none */
+  mg_buf_t collected;             /* body bytes received before the head could go out */
+  mg_hook_response_t hresp;
+  mg_header_t *hheaders;          /* the end-to-end headers the hooks see */
   int attempts;                   /* connections tried for this request */
   int status;
   mg_buf_t out;                   /* bytes for the client, written after each upstream read */
@@ -71,6 +80,7 @@ static llhttp_settings_t response_settings;
 static void proxy_connect(mg_proxy_t *p);
 static void proxy_fail(mg_proxy_t *p, mg_http_error_t err);
 static void on_upstream_read(mg_upconn_t *uc, ssize_t nread, const uv_buf_t *buf);
+static void proxy_hooked_read(mg_proxy_t *p);
 
 /* Appends "<hex size>\r\n", the head of a chunk (printf is measurably slow here). */
 static void append_chunk_size(mg_buf_t *b, size_t n) {
@@ -144,6 +154,9 @@ static mg_proxy_t *proxy_alloc(void) {
 
 static void proxy_free(mg_proxy_t *p) {
   proxy_drop_upconn(p, 0);
+  mg_buf_dispose(&p->collected);
+  free(p->hheaders);
+  p->hheaders = NULL;
   if (p->req) p->req->handler = NULL;
   if (nspare_proxies < MG_SPARE_PROXIES) {
     mg_buf_reset(&p->out, MG_SPARE_PROXY_BUF);
@@ -591,7 +604,8 @@ static void proxy_upstream_broken(mg_proxy_t *p, int status) {
   mg_log_warn("upstream %s: %s mid-response, truncating (request %s)", p->target->name,
               status == UV_EOF ? "connection closed" : uv_strerror(status), req->id);
   mg_upstream_report(p->target, 0);
-  if (p->head_built && !p->head_flushed) {   /* head parsed but not yet sent: nothing sent */
+  if ((p->head_built && !p->head_flushed) || (p->hooked && !p->head_built)) {
+    /* head parsed but not yet sent: nothing sent */
     req->head_sent = 0;
     proxy_fail(p, MG_HTTP_E_BAD_GATEWAY);
     return;
@@ -710,6 +724,29 @@ static int r_on_headers_complete(llhttp_t *parser) {
   }
 
 
+  if (req->route->hooks & MG_HOOK_BIT(MG_HOOK_RESPONSE)) {
+    /* The response hooks see status and end-to-end headers first (proxy_hooks_start). */
+    p->hheaders = malloc((n ? n : 1) * sizeof *p->hheaders);
+    if (!p->hheaders) return -1;
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+      int id = hs[i].id;
+      if (mg_http_id_is_hop_by_hop(id) || id == MG_HDR_X_REQUEST_ID ||
+          id == MG_HDR_CONTENT_LENGTH)
+        continue;
+      if (conn_names && named_in_connection(hs, n, hs[i].name, hs[i].name_len)) continue;
+      p->hheaders[k++] = hs[i];
+    }
+    p->hooked = 1;
+    p->upstream_cl = has_cl ? (int64_t)parser->content_length : -1;
+    p->client_chunked = 0;
+    p->hresp.status = status;
+    p->hresp.headers = p->hheaders;
+    p->hresp.nheaders = k;
+    req->status = status;
+    return no_body ? 1 : 0;
+  }
+
   mg_buf_t *b = &p->out;
   append_status_line(b, status);
   for (size_t i = 0; i < n; i++) {
@@ -735,13 +772,40 @@ static int r_on_headers_complete(llhttp_t *parser) {
   return no_body ? 1 : 0;
 }
 
+/* Appends body bytes for the client: through the body filters, chunk-framed if needed. */
+static int emit_body(mg_proxy_t *p, const char *at, size_t len, int eof) {
+  mg_buf_t filtered;
+  mg_buf_init(&filtered);
+  if (p->hooked && mg_hooks_has_filters(p->req)) {
+    if (mg_hooks_filter(p->req, at, len, eof, &filtered) != 0) {
+      mg_buf_dispose(&filtered);
+      return -1;
+    }
+    at = filtered.data ? filtered.data : "";
+    len = filtered.len;
+  }
+  if (len) {
+    if (p->client_chunked) append_chunk_size(&p->out, len);
+    mg_buf_append(&p->out, at, len);
+    if (p->client_chunked) mg_buf_append(&p->out, "\r\n", 2);
+  }
+  mg_buf_dispose(&filtered);
+  return 0;
+}
+
+#define MG_PROXY_MAX_COLLECT (8 * 1024 * 1024)
+
 static int r_on_body(llhttp_t *parser, const char *at, size_t len) {
   mg_proxy_t *p = PROXY(parser);
   if (p->interim || len == 0) return 0;
-  if (p->client_chunked) append_chunk_size(&p->out, len);
-  mg_buf_append(&p->out, at, len);
-  if (p->client_chunked) mg_buf_append(&p->out, "\r\n", 2);
-  return 0;
+  if (p->hooked && !p->head_built) {         /* the hooks have not decided yet: keep it */
+    if (p->collected.len + len > MG_PROXY_MAX_COLLECT) {
+      p->collect_too_large = 1;
+      return 0;
+    }
+    return mg_buf_append(&p->collected, at, len) == 0 ? 0 : -1;
+  }
+  return emit_body(p, at, len, 0);
 }
 
 static int r_on_message_complete(llhttp_t *parser) {
@@ -750,6 +814,8 @@ static int r_on_message_complete(llhttp_t *parser) {
     p->interim = 0;
     return 0;
   }
+  if (p->hooked && p->head_built && mg_hooks_has_filters(p->req) && emit_body(p, "", 0, 1) != 0)
+    return -1;
   if (p->client_chunked) mg_buf_append(&p->out, "0\r\n\r\n", 5);
   p->upstream_done = 1;
   return HPE_PAUSED;
@@ -765,6 +831,130 @@ void mg_proxy_init(void) {
   response_settings.on_headers_complete = r_on_headers_complete;
   response_settings.on_body = r_on_body;
   response_settings.on_message_complete = r_on_message_complete;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Response hooks: the upstream's status and headers go to the hooks first; what they decide
+ * is sent when they finish. Until then body bytes are kept (bounded) and reading stops,
+ * unless a hook asked for the whole body (res:body()).
+ * ---------------------------------------------------------------------------------------- */
+
+static int proxy_flush(mg_proxy_t *p);
+
+static void proxy_want_body(mg_request_t *req) {
+  mg_proxy_t *p = req->handler;
+  p->collecting = 1;
+  p->upstream_paused = 0;
+  mg_upconn_read_start(p->uc, on_upstream_read);
+  proxy_arm_timer(p);
+}
+
+/* The hooks finished: send the head they decided, then the body. */
+static void proxy_hooks_done(mg_request_t *req) {
+  mg_proxy_t *p = req->handler;
+  mg_buf_t *b = &p->out;
+  b->len = 0;
+  mg_buf_t lines;
+  mg_buf_init(&lines);
+  int status = mg_hooks_response_head(req, &lines);
+  const char *body = NULL;
+  size_t len = 0;
+  int known = mg_hooks_response_body(req, &body, &len);
+  int nob = p->no_body || status == 204 || status == 304;
+  if (!known && (p->upstream_done || nob)) {
+    body = nob ? "" : p->collected.data ? p->collected.data : "";
+    len = nob ? 0 : p->collected.len;
+    known = 1;
+  }
+  append_status_line(b, status);
+  mg_buf_append(b, lines.data, lines.len);
+  mg_buf_dispose(&lines);
+  p->head_built = 1;
+  req->head_sent = 1;
+  req->status = status;
+  if (known) {                               /* the whole body: one Content-Length answer */
+    mg_buf_t filtered;
+    mg_buf_init(&filtered);
+    if (mg_hooks_has_filters(req)) {
+      if (mg_hooks_filter(req, body, len, 1, &filtered) != 0) {
+        mg_buf_dispose(&filtered);
+        req->head_sent = 0;
+        b->len = 0;
+        proxy_fail(p, MG_HTTP_E_SCRIPT_ERROR);
+        return;
+      }
+      body = filtered.data ? filtered.data : "";
+      len = filtered.len;
+    }
+    if (status != 204 && status != 304) mg_buf_printf(b, "Content-Length: %zu\r\n", len);
+    mg_request_common_headers(req, b);
+    mg_buf_append(b, "\r\n", 2);
+    if (!(req->method == HTTP_HEAD || status == 204 || status == 304)) mg_buf_append(b, body, len);
+    mg_buf_dispose(&filtered);
+    if (proxy_flush(p) != 0) {
+      mg_conn_abort(req->conn);
+      return;
+    }
+    /* A body the upstream had not finished sending: that connection cannot be reused. */
+    proxy_finish(p, !p->upstream_done);
+    return;
+  }
+  if (!mg_hooks_has_filters(req) && p->upstream_cl >= 0) {
+    mg_buf_printf(b, "Content-Length: %lld\r\n", (long long)p->upstream_cl);
+  } else if (req->http_minor == 1) {
+    p->client_chunked = 1;
+    mg_buf_append(b, "Transfer-Encoding: chunked\r\n", 28);
+  } else {
+    req->conn->close_after = 1;
+  }
+  mg_request_common_headers(req, b);
+  mg_buf_append(b, "\r\n", 2);
+  if (p->collected.len && emit_body(p, p->collected.data, p->collected.len, 0) != 0) {
+    b->len = 0;
+    req->head_sent = 0;
+    proxy_fail(p, MG_HTTP_E_SCRIPT_ERROR);
+    return;
+  }
+  p->collected.len = 0;
+  if (proxy_flush(p) != 0) {
+    mg_conn_abort(req->conn);
+    return;
+  }
+  p->upstream_paused = 0;
+  mg_upconn_read_start(p->uc, on_upstream_read);
+  proxy_arm_timer(p);
+}
+
+/* A read arrived while the head waits for the hooks. */
+static void proxy_hooked_read(mg_proxy_t *p) {
+  mg_request_t *req = p->req;
+  if (p->collect_too_large) {
+    mg_log_warn("upstream %s: response body over %d bytes for a response hook (request %s)",
+                p->target->name, MG_PROXY_MAX_COLLECT, req->id);
+    proxy_fail(p, MG_HTTP_E_BAD_GATEWAY);
+    return;
+  }
+  if (!p->hooks_started) {
+    p->hooks_started = 1;
+    if (p->upstream_done) {                  /* all of it is here: res:body() needs no wait */
+      p->hresp.body = p->collected.data ? p->collected.data : "";
+      p->hresp.body_len = p->collected.len;
+    } else {
+      p->hresp.want_body = proxy_want_body;
+      p->upstream_paused = 1;
+      mg_upconn_read_stop(p->uc);
+    }
+    p->hresp.done = proxy_hooks_done;
+    proxy_arm_timer(p);
+    mg_hooks_run_response(req, &p->hresp);   /* may finish at once; p may be gone after */
+    return;
+  }
+  if (p->collecting && p->upstream_done) {
+    p->collecting = 0;
+    mg_hooks_body_ready(req, p->collected.data ? p->collected.data : "", p->collected.len);
+    return;
+  }
+  proxy_arm_timer(p);
 }
 
 /* Writes what the last read produced to the client; applies back-pressure. */
@@ -801,6 +991,11 @@ static void on_upstream_read(mg_upconn_t *uc, ssize_t nread, const uv_buf_t *buf
       /* A close-delimited body ends here. */
       if (llhttp_finish(&uc->parser) == HPE_OK || p->upstream_done) {
         p->request_sent = 0;                 /* never reuse a closed connection */
+        if (p->hooked && !p->head_built) {
+          p->upstream_done = 1;
+          proxy_hooked_read(p);
+          return;
+        }
         if (proxy_flush(p) != 0) { mg_conn_abort(p->req->conn); return; }
         proxy_finish(p, 1);
         return;
@@ -837,6 +1032,10 @@ static void on_upstream_read(mg_upconn_t *uc, ssize_t nread, const uv_buf_t *buf
     mg_upstream_report(p->target, 0);
     p->req->head_sent = 0;
     proxy_fail(p, MG_HTTP_E_BAD_GATEWAY);
+    return;
+  }
+  if (p->hooked && !p->head_built) {
+    proxy_hooked_read(p);
     return;
   }
   if (!p->upstream_done) proxy_arm_timer(p);
