@@ -33,6 +33,7 @@ $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h) | $(BUILD)/obj
 
 # The config loader embeds lua/moongate/config.lua into the binary.
 $(BUILD)/obj/mg_config.o: lua/moongate/config.lua
+$(BUILD)/obj/mg_lua_aggregate.o: lua/moongate/aggregate.lua
 
 # llhttp from Debian's node-llhttp sources, in strict mode, no lenient flags (see README).
 $(BUILD)/obj/llhttp/%.o: $(LLHTTP_DIR)/%.c | $(BUILD)/obj
