@@ -24,6 +24,7 @@
 #include <lualib.h>
 
 #include "mg_log.h"
+#include "mg_lua_time.h"
 #include "mg_lua_vm.h"
 
 #define CONFIG_LUA "/moongate/config.lua"
@@ -641,6 +642,29 @@ int mg_config_load(const char *file, mg_config_t *cfg, char **errors)
     set_error(errors, file, "cannot check the config", err);
     return -1;
   }
+  /* The mg API of a worker, except mg.aggregate (functions for hooks) and the shared
+   * dictionaries, which do not exist yet: a
+   * config may look one up at load time (local d = mg.shared.limits); using it waits for a
+   * worker. */
+  static const char lenient_shared[] =
+      "mg.shared = setmetatable({}, { __index = function(_, name)\n"
+      "  return setmetatable({}, { __index = function(_, method)\n"
+      "    return function()\n"
+      "      error('mg.shared.' .. tostring(name) .. ':' .. tostring(method) ..\n"
+      "            ' can only be used in hooks (the dictionaries are made when the gateway starts)', 2)\n"
+      "    end\n"
+      "  end })\n"
+      "end })\n";
+  int ref = -1;
+  if (mg_lua_time_register(vm) != 0 ||
+      (ref = mg_lua_vm_load_trusted(vm, "moongate/shared", lenient_shared,
+                                    sizeof lenient_shared - 1, err, sizeof err)) < 0) {
+    mg_lua_vm_free(vm);
+    memset(cfg, 0, sizeof *cfg);
+    set_error(errors, file, "cannot check the config", "cannot set up the mg API");
+    return -1;
+  }
+  mg_lua_vm_unref(vm, ref);
   int rc = mg_config_load_vm(vm, file, cfg, errors, NULL);
   mg_lua_vm_free(vm);
   return rc;

@@ -16,6 +16,7 @@
 
 #include "mg_log.h"
 #include "mg_master.h"
+#include "mg_shdict.h"
 #include "mg_worker.h"
 
 typedef struct slot {
@@ -28,6 +29,7 @@ typedef struct slot {
 typedef struct master {
   uv_loop_t loop;
   mg_config_t *cfg;
+  mg_shdict_t **dicts;            /* mg.shared, one per cfg->shared entry, made before fork */
   slot_t *slots;
   int nslots;
   int stopping;
@@ -132,7 +134,7 @@ static void spawn(master_t *m, int s) {
     for (int o = 0; o < m->nslots; o++)
       if (o != s)
         for (size_t i = 0; i < m->cfg->nlistens; i++) close(m->slots[o].fds[i]);
-    int rc = mg_worker_run(m->cfg, slot->fds);
+    int rc = mg_worker_run(m->cfg, slot->fds, m->dicts, m->cfg->nshared);
     mg_config_free(m->cfg);
     free(slot->fds);
     for (int o = 0; o < m->nslots; o++)
@@ -259,6 +261,15 @@ int mg_master_run(mg_config_t *cfg, int nworkers) {
   }
   int rc = 1;
   raise_fd_limit(cfg);
+  m.dicts = calloc(cfg->nshared ? cfg->nshared : 1, sizeof *m.dicts);
+  for (size_t i = 0; m.dicts && i < cfg->nshared; i++) {
+    m.dicts[i] = mg_shdict_create(cfg->shared[i].name, cfg->shared[i].size);
+    if (!m.dicts[i]) {
+      fprintf(stderr, "moongate: cannot create shared dictionary %s (%zu bytes)\n",
+              cfg->shared[i].name, cfg->shared[i].size);
+      goto out;
+    }
+  }
   if (open_listeners(&m) != 0) goto out;
   if (cfg->pid_file && (rc = write_pid_file(cfg->pid_file)) != 0) {
     fprintf(stderr, "moongate: cannot write pid file %s: %s\n", cfg->pid_file, strerror(-rc));
@@ -304,5 +315,7 @@ out:
   close_listeners(&m);
   for (int s = 0; s < nworkers; s++) free(m.slots[s].fds);
   free(m.slots);
+  for (size_t i = 0; m.dicts && i < cfg->nshared; i++) mg_shdict_destroy(m.dicts[i]);
+  free(m.dicts);
   return rc;
 }

@@ -11,6 +11,10 @@
 
 #include "mg_hooks.h"
 #include "mg_log.h"
+#include "mg_lua_aggregate.h"
+#include "mg_lua_shared.h"
+#include "mg_lua_time.h"
+#include "mg_shdict.h"
 #include "mg_proxy.h"
 #include "mg_request.h"
 #include "mg_upstream.h"
@@ -89,6 +93,12 @@ static int worker_first_gen(mg_worker_t *w) {
     mg_log_error("worker: cannot set up Lua: %s", err);
     return -1;
   }
+  if (mg_lua_time_register(w->vm) != 0 ||
+      mg_lua_shared_register(w->vm, (mg_shdict_t *const *)w->dicts, w->ndicts) != 0 ||
+      mg_lua_aggregate_register(w->vm) != 0) {
+    mg_log_error("worker: cannot set up the mg API");
+    return -1;
+  }
   char *errors = NULL;
   w->gen = mg_worker_load_gen(w, 1, &errors);
   if (!w->gen) {
@@ -103,9 +113,12 @@ static void close_any(uv_handle_t *h, void *arg) {
   if (!uv_is_closing(h)) uv_close(h, NULL);
 }
 
-int mg_worker_run(const mg_config_t *cfg, const int *fds) {
+int mg_worker_run(const mg_config_t *cfg, const int *fds, struct mg_shdict *const *dicts,
+                  size_t ndicts) {
   mg_worker_t *w = calloc(1, sizeof *w);
   if (!w) return 1;
+  w->dicts = dicts;
+  w->ndicts = ndicts;
   signal(SIGPIPE, SIG_IGN);
   uv_loop_init(&w->loop);
   w->loop.data = w;
@@ -160,6 +173,7 @@ int mg_worker_run(const mg_config_t *cfg, const int *fds) {
 
   /* Drained (or out of time): cut what is still open and free it. */
   while (w->conns) mg_conn_abort(w->conns);
+  mg_lua_timers_cancel_all();
   mg_access_log_close();
   mg_gen_t *gen = w->gen;
   w->gen = NULL;

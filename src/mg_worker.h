@@ -15,6 +15,7 @@
 
 struct mg_conn;
 struct mg_upstream;
+struct mg_shdict;
 
 /* Size of the worker's shared read buffer: every socket read lands here first. */
 #define MG_READ_BUF_SIZE (64 * 1024)
@@ -33,6 +34,8 @@ typedef struct mg_worker {
   const mg_config_t *cfg;       /* the config the worker started with: listeners, limits, logs */
   mg_gen_t *gen;                /* the current generation: routes, upstreams, hooks */
   mg_lua_vm_t *vm;              /* the worker's Lua VM (every generation's scripts live here) */
+  struct mg_shdict *const *dicts; /* mg.shared: made by the master before fork */
+  size_t ndicts;
   mg_listener_t *listeners;
   size_t nlisteners;
   mg_resolver_t *resolver;
@@ -54,9 +57,11 @@ typedef struct mg_worker {
   char readbuf[MG_READ_BUF_SIZE];
 } mg_worker_t;
 
-/* Runs a worker on CFG with the listening sockets FDS (one per cfg->listens entry) until it
- * has drained after SIGTERM/SIGINT. Returns the process exit code. */
-int mg_worker_run(const mg_config_t *cfg, const int *fds);
+/* Runs a worker on CFG with the listening sockets FDS (one per cfg->listens entry) and the
+ * shared dictionaries DICTS until it has drained after SIGTERM/SIGINT. Returns the process
+ * exit code. */
+int mg_worker_run(const mg_config_t *cfg, const int *fds, struct mg_shdict *const *dicts,
+                  size_t ndicts);
 
 
 /* Evaluates the config file in W's VM and builds generation ID from it. Returns NULL with

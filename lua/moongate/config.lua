@@ -32,11 +32,14 @@ local setmetatable, error, xpcall, load = setmetatable, error, xpcall, load
 local floor, huge = math.floor, math.huge
 local format, concat, sort = string.format, table.concat, table.sort
 
--- The user's file is loaded under this chunk name. Lua shortens "@path" chunk names to 60
--- bytes in messages; a short placeholder keeps positions exact, and is replaced by the path
--- the user typed when a message is shown.
-local CHUNK = "=\1config"
-local SHORT = "\1config"
+-- The user's file is loaded under the path the user typed (st.chunk = "=" .. st.short), so
+-- hooks defined in it report errors with that name. Lua cuts chunk names at 60 bytes in
+-- messages: a longer path is loaded as "..." and its tail, and load-time messages put the
+-- whole path back.
+local function chunk_name(display)
+  if #display <= 55 then return display end
+  return "..." .. display:sub(-52)
+end
 
 local INT_MAX = 2147483647
 local MAX_SIZE = 2 ^ 53            -- sizes stay exact in a double and fit any size_t we meet
@@ -482,7 +485,7 @@ function State:user_line()
   for level = 2, 250 do
     local info = debug.getinfo(level, "Sl")
     if not info then return nil end
-    if info.source == CHUNK then return info.currentline end
+    if info.source == self.chunk then return info.currentline end
   end
   return nil
 end
@@ -495,7 +498,7 @@ function State:text()
   end)
   local lines = {}
   for i, e in ipairs(self.errors) do
-    local msg = replace_plain(e.msg, SHORT, self.display)
+    local msg = self.short == self.display and e.msg or replace_plain(e.msg, self.short, self.display)
     if e.line then
       lines[i] = format("%s:%d: %s", self.display, e.line, msg)
     else
@@ -1525,7 +1528,10 @@ end
 -- Records an error raised while the file loads or runs: Lua puts "\1config:LINE: " in front
 -- of messages that come with a position; others get the line the file was running.
 local function runtime_error(st, e)
-  local line, msg = e.msg:match("^" .. SHORT .. ":(%d+): (.*)$")
+  local line, msg
+  if e.msg:sub(1, #st.short + 1) == st.short .. ":" then
+    line, msg = e.msg:sub(#st.short + 2):match("^(%d+): (.*)$")
+  end
   if line then
     st:error(tonumber(line), "%s", msg)
   else
@@ -1536,7 +1542,7 @@ end
 local function run(st, src)
   local env = make_env(st)
   st.env = env
-  local fn, perr = load(src, CHUNK, "t", env)
+  local fn, perr = load(src, st.chunk, "t", env)
   if not fn then
     runtime_error(st, { msg = perr })
     return false
@@ -1545,7 +1551,7 @@ local function run(st, src)
   local function on_count()
     steps = steps + 1
     if steps > MAX_STEPS then
-      error(format("%s:%d: the config file ran too long (an endless loop?)", SHORT,
+      error(format("%s:%d: the config file ran too long (an endless loop?)", st.short,
                    st:user_line() or 0), 0)
     end
   end
@@ -1575,6 +1581,8 @@ end
 function M.load(display, abs, host)
   abs = abs or display
   local st = new_state(display, abs)
+  st.short = chunk_name(display)
+  st.chunk = "=" .. st.short
   st.host = host
   host.sandbox = host.sandbox or sandbox  -- the trusted environment's view of the sandbox
   st.dir = abs:match("^(.*)/[^/]*$") or "."
