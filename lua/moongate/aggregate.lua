@@ -8,7 +8,7 @@
 --         { "users",   "/users/" .. id,             key = "user" },
 --         { "orders",  "/orders?user=" .. id,       key = "orders", timeout = 0.5,
 --           transform = function(orders) return mg.aggregate.pick(orders, { "id", "total" }) end },
---         { "reviews", "/reviews?user=" .. id,      key = "reviews", optional = true },
+--         { "reviews", "/reviews?user=" .. id,      key = "reviews", required = true },
 --         timeout = 1,
 --       }
 --     end,
@@ -87,7 +87,7 @@
 --         key = "users",                    -- where the result goes (default: the target,
 --                                           -- when that is a plain upstream name); unique
 --         timeout = 0.5,                    -- seconds, this call (optional)
---         optional = true,                  -- the answer may go out without it (see below)
+--         required = true,                  -- no answer without it (see below)
 --         transform = function(json, res) return ... end },  -- reshapes a success; what
 --                                           -- it returns replaces the JSON (nil -> null)
 --       timeout = 2,                        -- seconds, the whole fetch (optional)
@@ -102,14 +102,13 @@
 --       { backend = key, target = target, error = "timeout" }
 --     `_errors` is there only when something failed. The status and headers:
 --       * every backend succeeded: 200, X-Moongate-Completed: true.
---       * only optional backends failed, and at least one backend succeeded: 200, the
+--       * some backends failed, none of them required, and at least one succeeded: 200, the
 --         document with what there is, X-Moongate-Completed: false (a partial answer).
---       * a backend that is not optional failed, or every backend failed: 502 with the
+--       * a required backend failed, or every backend failed: 502 with the
 --         gateway's error shape plus the list, X-Moongate-Completed: false:
 --           { error = 'backend "users" failed' | "every backend failed", status = 502,
 --             _errors = { ... } }
---     So partial answers are opted into per backend: mark optional what the page can live
---     without. A spec with no calls answers 200 and an empty object. A mistake in SPEC (a
+--     So an answer is partial by default: mark required what the page cannot live without. A spec with no calls answers 200 and an empty object. A mistake in SPEC (a
 --     missing target, a duplicate key, an unknown merge mode) raises before anything is
 --     fetched; an error raised by a transform propagates (it is a bug in the script).
 --
@@ -448,7 +447,7 @@ end
 ---------------------------------------------------------------------------------------------
 
 local SPEC_FIELDS = { timeout = true, merge = true }
-local CALL_FIELDS = { key = true, timeout = true, optional = true, transform = true }
+local CALL_FIELDS = { key = true, timeout = true, required = true, transform = true }
 
 -- A mistake in the spec. check_spec raises it as a table, wherever it is found, and run
 -- raises it again as a message at the position of the script's call.
@@ -514,8 +513,8 @@ local function check_spec(spec)
     seen[key] = true
     keys[i] = key
     check_timeout(c.timeout, where)
-    if c.optional ~= nil and type(c.optional) ~= "boolean" then
-      spec_error("%soptional must be a boolean, got %s", where, kind(c.optional))
+    if c.required ~= nil and type(c.required) ~= "boolean" then
+      spec_error("%srequired must be a boolean, got %s", where, kind(c.required))
     end
     if c.transform ~= nil and type(c.transform) ~= "function" then
       spec_error("%stransform must be a function, got %s", where, kind(c.transform))
@@ -579,7 +578,7 @@ local function run(spec)
     if value == nil then
       nfailed = nfailed + 1
       failures[nfailed] = { backend = key, target = c[1], error = why }
-      if not c.optional and not required_failed then required_failed = key end
+      if c.required and not required_failed then required_failed = key end
       if nest then doc[key] = null end
     elseif nest then
       doc[key] = value

@@ -396,7 +396,7 @@ static void test_flatten_concat(void) {
  * run
  * ---------------------------------------------------------------------------------------- */
 
-/* The three backends of the usual summary page; REVIEWS is optional in most tests. */
+/* The three backends of the usual summary page; the macro adds options to REVIEWS. */
 #define SPEC3(reviews_opts)                                                       \
   "{ { 'users', '/users/7', key = 'user', timeout = 0.5 }, "                      \
   "  { 'orders', { path = '/orders', query = { user = 7 } } }, "                  \
@@ -434,14 +434,14 @@ static void test_run_all_ok(void) {
 static void test_run_timeout(void) {
   open_vm();
   MG_CHECK_STR(eval("fake(resp(200, USER_BODY), resp(200, '[]'), nil, { [3] = 'timeout' }) "
-                    "return R(A(" SPEC3(", optional = true") "))"),
+                    "return R(A(" SPEC3("") "))"),
                "200 false {\"_errors\":[{\"backend\":\"reviews\",\"error\":\"timeout\",\"target\":"
                "\"http://reviews.internal:8080\"}],\"orders\":[],\"reviews\":null,\"user\":{"
                "\"id\":7,\"manager\":null,\"name\":\"Ada\",\"profile\":{\"city\":\"London\",\"email\":"
                "\"ada@example.com\",\"tags\":[]},\"roles\":[\"admin\"]}}");
   /* No message from fetch_all: still a failure, with a generic reason. */
   MG_CHECK_STR(eval("fake(resp(200, '{}'), resp(200, '[]'), nil, {}) "
-                    "local _, doc = A(" SPEC3(", optional = true") ") "
+                    "local _, doc = A(" SPEC3("") ") "
                     "return E(doc._errors)"),
                "[{\"backend\":\"reviews\",\"error\":\"failed\",\"target\":"
                "\"http://reviews.internal:8080\"}]");
@@ -450,20 +450,20 @@ static void test_run_timeout(void) {
 static void test_run_status(void) {
   open_vm();
   MG_CHECK_STR(eval("fake(resp(200, '{\"id\":7}'), resp(200, '[]'), resp(503, '{\"error\":"
-                    "\"down\"}'), {}) return R(A(" SPEC3(", optional = true") "))"),
+                    "\"down\"}'), {}) return R(A(" SPEC3("") "))"),
                "200 false {\"_errors\":[{\"backend\":\"reviews\",\"error\":\"status 503\","
                "\"target\":\"http://reviews.internal:8080\"}],\"orders\":[],\"reviews\":null,"
                "\"user\":{\"id\":7}}");
   /* Not 2xx means 1xx and 3xx too. */
   MG_CHECK_STR(eval("fake(resp(200, '{}'), resp(304, ''), resp(200, '[]'), {}) "
-                    "local _, doc = A(" SPEC3(", optional = true") ") return E(doc._errors)"),
+                    "local _, doc = A(" SPEC3("") ") return E(doc._errors)"),
                "[{\"backend\":\"orders\",\"error\":\"status 304\",\"target\":\"orders\"}]");
 }
 
 static void test_run_invalid_json(void) {
   open_vm();
   MG_CHECK_STR(eval("fake(resp(200, '{}'), resp(200, '[]'), resp(200, '<html>oops</html>'), {}) "
-                    "return R(A(" SPEC3(", optional = true") "))"),
+                    "return R(A(" SPEC3("") "))"),
                "200 false {\"_errors\":[{\"backend\":\"reviews\",\"error\":\"invalid JSON: parse "
                "error at byte 1: invalid char in json text.\",\"target\":"
                "\"http://reviews.internal:8080\"}],\"orders\":[],\"reviews\":null,\"user\":{}}");
@@ -472,37 +472,37 @@ static void test_run_invalid_json(void) {
 static void test_run_all_failed(void) {
   open_vm();
   MG_CHECK_STR(eval("fake(nil, resp(500, 'x'), nil, { [1] = 'connection refused', [3] = 'timeout' }) "
-                    "return R(A(" SPEC3(", optional = true") "))"),
+                    "return R(A(" SPEC3("") "))"),
                "502 false {\"_errors\":[{\"backend\":\"user\",\"error\":\"connection refused\","
                "\"target\":\"users\"},{\"backend\":\"orders\",\"error\":\"status 500\",\"target\":"
                "\"orders\"},{\"backend\":\"reviews\",\"error\":\"timeout\",\"target\":"
                "\"http://reviews.internal:8080\"}],\"error\":\"every backend failed\",\"status\":502}");
-  /* Every backend optional and all failed: still 502, nothing to show. */
+  /* A single backend that failed: still 502, nothing to show. */
   MG_CHECK_STR(eval("fake(nil, { [1] = 'timeout' }) "
-                    "return R(A{ { 'users', '/u', optional = true } })"),
+                    "return R(A{ { 'users', '/u' } })"),
                "502 false {\"_errors\":[{\"backend\":\"users\",\"error\":\"timeout\",\"target\":"
                "\"users\"}],\"error\":\"every backend failed\",\"status\":502}");
 }
 
-static void test_run_optional(void) {
+static void test_run_required(void) {
   open_vm();
-  /* A backend that is not optional failed: 502 naming it, even though others answered. */
-  MG_CHECK_STR(eval("fake(resp(200, '{}'), nil, resp(200, '[]'), { [2] = 'timeout' }) "
-                    "return R(A(" SPEC3(", optional = true") "))"),
-               "502 false {\"_errors\":[{\"backend\":\"orders\",\"error\":\"timeout\",\"target\":"
-               "\"orders\"}],\"error\":\"backend \\\"orders\\\" failed\",\"status\":502}");
-  /* The same failure of reviews, not marked optional. */
+  /* A required backend failed: 502 naming it, even though the others answered. */
   MG_CHECK_STR(eval("fake(resp(200, '{}'), resp(200, '[]'), nil, { [3] = 'timeout' }) "
-                    "local status, doc = A(" SPEC3("") ") return status .. ' ' .. doc.error"),
-               "502 backend \"reviews\" failed");
-  /* optional = false is the default, said out loud. */
+                    "return R(A(" SPEC3(", required = true") "))"),
+               "502 false {\"_errors\":[{\"backend\":\"reviews\",\"error\":\"timeout\",\"target\":"
+               "\"http://reviews.internal:8080\"}],\"error\":\"backend \\\"reviews\\\" failed\",\"status\":502}");
+  /* The same failure of reviews, not required: a partial answer. */
   MG_CHECK_STR(eval("fake(resp(200, '{}'), resp(200, '[]'), nil, { [3] = 'timeout' }) "
-                    "return tostring((A(" SPEC3(", optional = false") ")))"),
-               "502");
-  /* Two optional backends down, one required up: a partial 200 listing both. */
+                    "local status, doc = A(" SPEC3("") ") return status .. ' ' .. doc._errors[1].backend"),
+               "200 reviews");
+  /* required = false is the default, said out loud. */
+  MG_CHECK_STR(eval("fake(resp(200, '{}'), resp(200, '[]'), nil, { [3] = 'timeout' }) "
+                    "return tostring((A(" SPEC3(", required = false") ")))"),
+               "200");
+  /* Two backends down, one up: a partial 200 listing both. */
   MG_CHECK_STR(eval("fake(resp(200, '{\"id\":7}'), nil, resp(502, ''), { [2] = 'reset' }) "
-                    "return R(A{ { 'users', '/u', key = 'user' }, "
-                    "{ 'orders', '/o', optional = true }, { 'reviews', '/r', optional = true } })"),
+                    "return R(A{ { 'users', '/u', key = 'user', required = true }, "
+                    "{ 'orders', '/o' }, { 'reviews', '/r' } })"),
                "200 false {\"_errors\":[{\"backend\":\"orders\",\"error\":\"reset\",\"target\":"
                "\"orders\"},{\"backend\":\"reviews\",\"error\":\"status 502\",\"target\":"
                "\"reviews\"}],\"orders\":null,\"reviews\":null,\"user\":{\"id\":7}}");
@@ -523,7 +523,7 @@ static void test_run_transform(void) {
   /* Transforms run only on successes. */
   MG_CHECK_STR(eval("fake(resp(500, '{}'), resp(200, '[]'), {}) local ran = 0 "
                     "local t = function(v) ran = ran + 1 return v end "
-                    "local s = R(A{ { 'users', '/u', transform = t, optional = true }, "
+                    "local s = R(A{ { 'users', '/u', transform = t }, "
                     "{ 'orders', '/o', transform = t } }) return s .. ' ' .. ran"),
                "200 false {\"_errors\":[{\"backend\":\"users\",\"error\":\"status 500\",\"target\":"
                "\"users\"}],\"orders\":[],\"users\":null} 1");
@@ -543,9 +543,9 @@ static void test_run_merge_mode(void) {
    * make it an object first. */
   MG_CHECK_STR(eval("fake(resp(200, '{\"id\":7}'), resp(200, ORDERS_BODY), "
                     "resp(200, REVIEWS_BODY), nil, { [4] = 'timeout' }) "
-                    "return R(A{ { 'users', '/u' }, { 'orders', '/o', optional = true }, "
+                    "return R(A{ { 'users', '/u' }, { 'orders', '/o' }, "
                     "{ 'reviews', '/r', transform = function(r) return { review_count = #r } end }, "
-                    "{ 'extra', '/e', optional = true }, merge = 'merge' })"),
+                    "{ 'extra', '/e' }, merge = 'merge' })"),
                "200 false {\"_errors\":[{\"backend\":\"orders\",\"error\":\"not a JSON object\","
                "\"target\":\"orders\"},{\"backend\":\"extra\",\"error\":\"timeout\",\"target\":"
                "\"extra\"}],\"id\":7,\"review_count\":3}");
@@ -571,12 +571,12 @@ static void test_run_spec_errors(void) {
                "table, got number");
   MG_CHECK_STR(error_of("fake() A{ { 'users', '/u', key = '_errors' } }"),
                "t:1: mg.aggregate: call #1: the key \"_errors\" is reserved");
-  MG_CHECK_STR(error_of("fake() A{ { 'users', '/u', optinal = true } }"),
-               "t:1: mg.aggregate: call #1: unknown field optinal");
+  MG_CHECK_STR(error_of("fake() A{ { 'users', '/u', requird = true } }"),
+               "t:1: mg.aggregate: call #1: unknown field requird");
   MG_CHECK_STR(error_of("fake() A{ { 'users', '/u', timeout = 0 } }"),
                "t:1: mg.aggregate: call #1: timeout must be a positive number of seconds, got number");
-  MG_CHECK_STR(error_of("fake() A{ { 'users', '/u', optional = 'yes' } }"),
-               "t:1: mg.aggregate: call #1: optional must be a boolean, got string");
+  MG_CHECK_STR(error_of("fake() A{ { 'users', '/u', required = 'yes' } }"),
+               "t:1: mg.aggregate: call #1: required must be a boolean, got string");
   MG_CHECK_STR(error_of("fake() A{ { 'users', '/u', transform = {} } }"),
                "t:1: mg.aggregate: call #1: transform must be a function, got object");
   MG_CHECK_STR(error_of("fake() A{ { 'users', '/u' }, timeout = 'soon' }"),
@@ -631,7 +631,7 @@ int main(void) {
   RUN(test_run_status);
   RUN(test_run_invalid_json);
   RUN(test_run_all_failed);
-  RUN(test_run_optional);
+  RUN(test_run_required);
   RUN(test_run_transform);
   RUN(test_run_merge_mode);
   RUN(test_run_spec_errors);
