@@ -11,7 +11,9 @@
 
 #include "mg_hooks.h"
 #include "mg_log.h"
+#include "mg_fetch.h"
 #include "mg_lua_aggregate.h"
+#include "mg_lua_fetch.h"
 #include "mg_lua_shared.h"
 #include "mg_lua_time.h"
 #include "mg_shdict.h"
@@ -140,7 +142,7 @@ static int worker_first_gen(mg_worker_t *w) {
   }
   if (mg_lua_time_register(w->vm) != 0 ||
       mg_lua_shared_register(w->vm, (mg_shdict_t *const *)w->dicts, w->ndicts) != 0 ||
-      mg_lua_aggregate_register(w->vm) != 0) {
+      mg_lua_aggregate_register(w->vm) != 0 || mg_lua_fetch_register(w->vm) != 0) {
     mg_log_error("worker: cannot set up the mg API");
     return -1;
   }
@@ -226,6 +228,7 @@ int mg_worker_run(const mg_config_t *cfg, const int *fds, struct mg_shdict *cons
   /* Drained (or out of time): cut what is still open and free it. */
   while (w->conns) mg_conn_abort(w->conns);
   mg_lua_timers_cancel_all();
+  mg_fetch_cache_free(w);
   mg_access_log_close();
   mg_gen_t *gen = w->gen;
   w->gen = NULL;
