@@ -15,8 +15,8 @@
 #include "mg_log.h"
 #include "mg_master.h"
 #include "mg_status.h"
+#include "mg_version.h"
 
-#define MOONGATE_VERSION "0.1.0"
 #define DEFAULT_CONFIG "examples/gateway.lua"
 
 static void usage(FILE *f) {
