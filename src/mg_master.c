@@ -252,6 +252,7 @@ static const char *not_reloadable(const master_t *m, const mg_config_t *next) {
       return "the shared dictionaries changed (restart to apply)";
   if (next->workers != m->nworkers_conf) return "gateway.workers changed (restart to apply)";
   if (next->lua_memory != cur->lua_memory) return "lua.memory changed (restart to apply)";
+  if (next->lua_allow != cur->lua_allow) return "lua.allow changed (restart to apply)";
   if (!same_str(cur->admin_token, next->admin_token))
     return "the admin token changed (restart to apply)";
   return NULL;

@@ -136,7 +136,8 @@ mg_gen_t *mg_worker_load_gen(mg_worker_t *w, uint64_t id, char **errors) {
 static int worker_first_gen(mg_worker_t *w) {
   char err[256] = "";
   w->vm = mg_lua_vm_new(w->cfg->lua_memory, err, sizeof err);
-  if (!w->vm || mg_hooks_vm_init(w->vm, err, sizeof err) != 0) {
+  if (!w->vm || mg_hooks_vm_init(w->vm, err, sizeof err) != 0 ||
+      (w->cfg->lua_allow && mg_lua_vm_allow(w->vm, w->cfg->lua_allow) != 0)) {
     mg_log_error("worker: cannot set up Lua: %s", err);
     return -1;
   }
