@@ -250,6 +250,8 @@ static int encode_table(encoder_t *e, int t) {
   return 0;
 }
 
+static int is_bigint(lua_State *L, int idx, const char **s, size_t *len);
+
 /* IDX is absolute. On failure the stack may hold leftovers; the caller resets it. */
 static int encode_value(encoder_t *e, int idx) {
   lua_State *L = e->L;
@@ -266,7 +268,13 @@ static int encode_value(encoder_t *e, int idx) {
     return encode_table(e, idx);
   case LUA_TLIGHTUSERDATA:
     if (is_null(L, idx)) return gen_ok(e, yajl_gen_null(e->gen));
-    /* fall through */
+    return fail(e, "cannot encode %s", luaL_typename(L, idx));
+  case LUA_TUSERDATA: {
+    const char *s;
+    size_t len;
+    if (is_bigint(L, idx, &s, &len)) return gen_ok(e, yajl_gen_number(e->gen, s, len));
+  }
+  /* fall through */
   default:
     return fail(e, "cannot encode %s", luaL_typename(L, idx));
   }
@@ -350,6 +358,74 @@ static int on_boolean(void *ctx, int b) {
   return add_value(d);
 }
 
+/* ---- big integers ---------------------------------------------------------------------
+ * An integer beyond +-2^53 cannot be held exactly by a Lua number, and a gateway that
+ * merges documents must not change an id on the way. Such integers decode to a "bigint": a
+ * userdata holding the digits, which encodes back unchanged; tostring gives the digits,
+ * == compares them, tonumber(tostring(b)) gives the nearest double. */
+static const char bigint_mt_key = 0;
+
+static int bigint_tostring(lua_State *L) {
+  size_t n = lua_objlen(L, 1);
+  lua_pushlstring(L, lua_touserdata(L, 1), n);
+  return 1;
+}
+
+static int bigint_eq(lua_State *L) {
+  size_t a = lua_objlen(L, 1), b = lua_objlen(L, 2);
+  lua_pushboolean(L, a == b && memcmp(lua_touserdata(L, 1), lua_touserdata(L, 2), a) == 0);
+  return 1;
+}
+
+static int bigint_concat(lua_State *L) {
+  for (int i = 1; i <= 2; i++) {
+    if (lua_type(L, i) == LUA_TUSERDATA) {
+      lua_pushlstring(L, lua_touserdata(L, i), lua_objlen(L, i));
+      lua_replace(L, i);
+    }
+  }
+  lua_concat(L, 2);
+  return 1;
+}
+
+static void push_bigint_mt(lua_State *L) {
+  lua_pushlightuserdata(L, (void *)&bigint_mt_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (!lua_isnil(L, -1)) return;
+  lua_pop(L, 1);
+  lua_createtable(L, 0, 4);
+  lua_pushcfunction(L, bigint_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pushcfunction(L, bigint_eq);
+  lua_setfield(L, -2, "__eq");
+  lua_pushcfunction(L, bigint_concat);
+  lua_setfield(L, -2, "__concat");
+  lua_pushliteral(L, "bigint");
+  lua_setfield(L, -2, "__metatable");
+  lua_pushlightuserdata(L, (void *)&bigint_mt_key);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+/* Whether the value at IDX is a bigint; if so sets *S and *LEN to its digits. */
+static int is_bigint(lua_State *L, int idx, const char **s, size_t *len) {
+  if (lua_type(L, idx) != LUA_TUSERDATA || !lua_getmetatable(L, idx)) return 0;
+  lua_pushlightuserdata(L, (void *)&bigint_mt_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  int same = lua_rawequal(L, -1, -2);
+  lua_pop(L, 2);
+  if (!same) return 0;
+  *s = lua_touserdata(L, idx);
+  *len = lua_objlen(L, idx);
+  return 1;
+}
+
+static int plain_integer(const char *s, size_t len) {
+  for (size_t i = 0; i < len; i++)
+    if (s[i] == '.' || s[i] == 'e' || s[i] == 'E') return 0;
+  return 1;
+}
+
 static int on_number(void *ctx, const char *s, size_t len) {
   decoder_t *d = ctx;
   char small[64];
@@ -362,9 +438,21 @@ static int on_number(void *ctx, const char *s, size_t len) {
   buf[len] = '\0';
   double v = strtod(buf, NULL);
   if (buf != small) free(buf);
-  if (isinf(v)) {
+  if (isinf(v) && !plain_integer(s, len)) {
     d->abort = "number out of range";
     return 0;
+  }
+  /* 2^53 itself is exact; 2^53 + 1 also reads as 2^53, so compare the digits there. */
+  const char *digits_only = s[0] == '-' ? s + 1 : s;
+  size_t dlen = s[0] == '-' ? len - 1 : len;
+  int exact = fabs(v) < MAX_EXACT_INT ||
+              (dlen == 16 && memcmp(digits_only, "9007199254740992", 16) == 0);
+  if (!exact && plain_integer(s, len)) {
+    char *digits = lua_newuserdata(d->L, len);
+    memcpy(digits, s, len);
+    push_bigint_mt(d->L);
+    lua_setmetatable(d->L, -2);
+    return add_value(d);
   }
   lua_pushnumber(d->L, v);
   return add_value(d);
