@@ -180,7 +180,16 @@ int main(int argc, char **argv) {
   }
   mg_config_t cfg;
   memset(&cfg, 0, sizeof cfg);
-  if (load(file, &cfg) != 0) return 1;
+  if (strcmp(cmd, "run") == 0) mg_config_snapshot(MG_SNAPSHOT_RECORD);
+  if (load(file, &cfg) != 0) {
+    if (strcmp(cmd, "stop") != 0) return 1;
+    /* A broken file must not keep a running gateway from stopping. */
+    fprintf(stderr, "moongate: the config has errors; stopping the gateway of the default "
+                    "pid file /tmp/moongate.pid\n");
+    memset(&cfg, 0, sizeof cfg);
+    return cmd_stop(&cfg);
+  }
+  if (strcmp(cmd, "run") == 0) mg_config_snapshot(MG_SNAPSHOT_COMMIT);
   int rc;
   if (strcmp(cmd, "check") == 0) {
     printf("%s: ok\n", cfg.file ? cfg.file : file);

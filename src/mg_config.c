@@ -494,12 +494,75 @@ static char *slurp(const char *path, size_t *len)
   return buf;
 }
 
+/* The files of the last generation the master accepted (see mg_config_snapshot). */
+typedef struct snap_file { char *path; char *text; size_t len; } snap_file_t;
+typedef struct snapshot { snap_file_t *files; size_t n; } snapshot_t;
+static snapshot_t snap_current, snap_pending;
+static int snap_mode;           /* 0 off, 1 recording, 2 replaying */
+
+static void snapshot_clear(snapshot_t *s)
+{
+  for (size_t i = 0; i < s->n; i++) {
+    free(s->files[i].path);
+    free(s->files[i].text);
+  }
+  free(s->files);
+  memset(s, 0, sizeof *s);
+}
+
+static void snapshot_add(snapshot_t *s, const char *path, const char *text, size_t len)
+{
+  snap_file_t *more = realloc(s->files, (s->n + 1) * sizeof *more);
+  if (!more) return;
+  s->files = more;
+  snap_file_t *f = &s->files[s->n];
+  f->path = strdup(path);
+  f->text = malloc(len ? len : 1);
+  f->len = len;
+  if (!f->path || !f->text) {
+    free(f->path);
+    free(f->text);
+    return;
+  }
+  memcpy(f->text, text, len);
+  s->n++;
+}
+
+void mg_config_snapshot(int mode)
+{
+  if (mode == MG_SNAPSHOT_COMMIT) {
+    snapshot_clear(&snap_current);
+    snap_current = snap_pending;
+    memset(&snap_pending, 0, sizeof snap_pending);
+    snap_mode = 0;
+  } else if (mode == MG_SNAPSHOT_RECORD) {
+    snapshot_clear(&snap_pending);
+    snap_mode = 1;
+  } else if (mode == MG_SNAPSHOT_REPLAY) {
+    snap_mode = 2;
+  } else if (mode == MG_SNAPSHOT_FREE) {
+    snapshot_clear(&snap_current);
+    snapshot_clear(&snap_pending);
+    snap_mode = 0;
+  } else {
+    snapshot_clear(&snap_pending);
+    snap_mode = 0;
+  }
+}
+
 /* host.read_file(path) for config.lua: the file's text, or nil and why. */
 static int l_read_file(lua_State *L)
 {
   const char *path = luaL_checkstring(L, 1);
+  if (snap_mode == 2)
+    for (size_t i = 0; i < snap_current.n; i++)
+      if (strcmp(snap_current.files[i].path, path) == 0) {
+        lua_pushlstring(L, snap_current.files[i].text, snap_current.files[i].len);
+        return 1;
+      }
   size_t len = 0;
   char *text = slurp(path, &len);
+  if (text && snap_mode == 1) snapshot_add(&snap_pending, path, text, len);
   if (!text) {
     lua_pushnil(L);
     lua_pushstring(L, errno == EISDIR ? "is a directory" : strerror(errno));

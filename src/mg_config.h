@@ -147,6 +147,15 @@ struct mg_lua_vm_s;
 int mg_config_load_vm(struct mg_lua_vm_s *vm, const char *file, mg_config_t *cfg,
                       char **errors, int *ref);
 
+/* The files a config loads, as the master accepted them. The master records what each load
+ * reads (RECORD before loading, then COMMIT when it accepted the result, or OFF); a worker
+ * it forks inherits the committed copy and loads its first generation from it (REPLAY, then
+ * OFF), so a worker respawned after someone saved a broken file still starts on the
+ * generation that is serving. Reloads read the files again. FREE releases the copies. */
+enum { MG_SNAPSHOT_OFF = 0, MG_SNAPSHOT_RECORD, MG_SNAPSHOT_COMMIT, MG_SNAPSHOT_REPLAY,
+       MG_SNAPSHOT_FREE };
+void mg_config_snapshot(int mode);
+
 /* Frees everything the config owns (safe on a zeroed struct). */
 void mg_config_free(mg_config_t *cfg);
 

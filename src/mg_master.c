@@ -279,17 +279,21 @@ static void master_reload(master_t *m, const char *why) {
   uint64_t t0 = uv_hrtime();
   mg_config_t next;
   char *errors = NULL;
+  mg_config_snapshot(MG_SNAPSHOT_RECORD);
   if (mg_config_load(m->cfg->file, &next, &errors) != 0) {
+    mg_config_snapshot(MG_SNAPSHOT_OFF);
     reload_failed(m, errors ? errors : "out of memory");
     free(errors);
     return;
   }
   const char *bad = not_reloadable(m, &next);
   if (bad) {
+    mg_config_snapshot(MG_SNAPSHOT_OFF);
     reload_failed(m, bad);
     mg_config_free(&next);
     return;
   }
+  mg_config_snapshot(MG_SNAPSHOT_COMMIT);
   if (m->watch) watch_files(m, &next);
   mg_config_free(&next);
   mg_status_t *st = m->status;
@@ -474,6 +478,7 @@ int mg_master_run(mg_config_t *cfg, int nworkers, int watch) {
   uv_loop_close(&m.loop);
   if (cfg->pid_file) unlink(cfg->pid_file);
   unlink(status_path);
+  mg_config_snapshot(MG_SNAPSHOT_FREE);
   mg_log_info("moongate stopped");
   rc = 0;
 out:

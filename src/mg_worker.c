@@ -149,7 +149,9 @@ static int worker_first_gen(mg_worker_t *w) {
   }
   char *errors = NULL;
   uint64_t id = the_status ? mg_status_load(&the_status->generation) : 1;
+  mg_config_snapshot(MG_SNAPSHOT_REPLAY);    /* the files as the master accepted them */
   w->gen = mg_worker_load_gen(w, id ? id : 1, &errors);
+  mg_config_snapshot(MG_SNAPSHOT_FREE);
   if (!w->gen) {
     mg_log_error("worker: cannot load %s: %s", w->cfg->file, errors ? errors : "out of memory");
     free(errors);
