@@ -6,6 +6,7 @@
 --   curl -i localhost:8080/orders/7/items
 --   curl -i localhost:8080/status
 --   curl -i -X DELETE localhost:8080/users/42     (405: the route only takes GET)
+--   curl -i localhost:9001/hello/ada               (a Lua handler on the demo listener)
 
 gateway {
   workers = "auto",                 -- one worker per core; `-w N` on the command line wins
@@ -40,4 +41,10 @@ route "GET /users/:id" {
 route "GET /orders/*" {
   listen = "demo",
   respond = { 200, { { id = 7, total = 42.5 }, { id = 8, total = 9.99 } } },
+}
+
+-- A Lua handler (README "Lua hooks"): the route answers from Lua, with no backend behind it.
+route "GET /hello/:name" {
+  listen = "demo",
+  handler = function(req) return 200, { hello = req.params.name } end,
 }

@@ -118,6 +118,7 @@
 local M = {}
 
 local type, pairs, ipairs, next, select, tostring = type, pairs, ipairs, next, select, tostring
+local getmetatable = getmetatable
 local error, getmetatable, setmetatable, rawget = error, getmetatable, setmetatable, rawget
 local floor = math.floor
 local format, find, sub = string.format, string.find, string.sub
@@ -218,6 +219,7 @@ local function key_of(v)
     if v == floor(v) and v >= -MAX_EXACT and v <= MAX_EXACT then return format("%d", v) end
     return tostring(v)
   end
+  if t == "userdata" and getmetatable(v) == "bigint" then return tostring(v) end  -- mg.json
   return nil
 end
 

@@ -337,7 +337,7 @@ static void test_group(void) {
                "{\"B2\":[{\"id\":2,\"product\":\"B2\",\"stars\":3}]}");
   MG_CHECK_STR(eval("return E(A.group(D('[{\"k\":{\"x\":1}},{\"k\":[1]},null,5,{\"k\":true},"
                     "{\"k\":2.5},{\"k\":9007199254740993}]'), 'k', 'other'))"),
-               "{\"2.5\":[{\"k\":2.5}],\"9007199254740992\":[{\"k\":9007199254740992}],"
+               "{\"2.5\":[{\"k\":2.5}],\"9007199254740993\":[{\"k\":9007199254740993}],"
                "\"other\":[{\"k\":{\"x\":1}},{\"k\":[1]},null,5],\"true\":[{\"k\":true}]}");
   /* A dotted path. */
   MG_CHECK_STR(eval("return E(A.group(A.pick(USERS, { 'id', 'profile.email' }), 'profile.email'))"),
