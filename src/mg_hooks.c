@@ -151,25 +151,11 @@ static void push_lower(lua_State *L, const char *s, size_t n) {
   if (buf != small) free(buf);
 }
 
-/* Replaces the config chunk's placeholder name ("\1config") with the config's path. */
+/* Logs a failed hook: the message ("file:line: ...") and the coroutine's traceback. */
 static void log_script_error(const mg_request_t *req, const char *hook, const char *msg,
                              const char *tb) {
-  const char *file = req && req->gen ? req->gen->cfg.file : "config";
-  mg_buf_t b;
-  mg_buf_init(&b);
-  for (int pass = 0; pass < 2; pass++) {
-    const char *s = pass == 0 ? msg : tb;
-    if (pass == 1) mg_buf_append(&b, "\n", 1);
-    for (const char *at; (at = strstr(s, "\1config")) != NULL; s = at + 7) {
-      mg_buf_append(&b, s, (size_t)(at - s));
-      mg_buf_puts(&b, file);
-    }
-    mg_buf_puts(&b, s);
-  }
-  mg_buf_append(&b, "", 1);
-  if (req) mg_log_error("request %s: %s hook failed: %s", req->id, hook, b.data ? b.data : msg);
-  else mg_log_error("%s hook failed: %s", hook, b.data ? b.data : msg);
-  mg_buf_dispose(&b);
+  if (req) mg_log_error("request %s: %s hook failed: %s%s%s", req->id, hook, msg, *tb ? "\n" : "", tb);
+  else mg_log_error("%s hook failed: %s%s%s", hook, msg, *tb ? "\n" : "", tb);
 }
 
 /* ------------------------------------------------------------------------------------------

@@ -44,6 +44,13 @@ int mg_task_is_io_yield(lua_State *co, int nvalues) {
 }
 
 int mg_task_wait(lua_State *L, mg_task_t *t, void *op, void (*cancel)(void *op)) {
+  if (!lua_isyieldable(L)) {
+    /* Inside a metamethod, an iterator or table.sort's comparator Lua cannot yield: stop
+     * the operation rather than leave it to wake a task that went on. */
+    if (cancel) cancel(op);
+    return luaL_error(L, "cannot wait for I/O here (inside a metamethod, an iterator or a "
+                         "table.sort comparator)");
+  }
   t->op = op;
   t->cancel = cancel;
   mg_lua_vm_push_io_marker(L);
