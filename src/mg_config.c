@@ -24,6 +24,8 @@
 #include <lualib.h>
 
 #include "mg_log.h"
+#include "mg_lua_aggregate.h"
+#include "mg_lua_fetch.h"
 #include "mg_lua_time.h"
 #include "mg_lua_vm.h"
 
@@ -718,8 +720,7 @@ int mg_config_load(const char *file, mg_config_t *cfg, char **errors)
     set_error(errors, file, "cannot check the config", err);
     return -1;
   }
-  /* The mg API of a worker, except mg.aggregate (functions for hooks) and the shared
-   * dictionaries, which do not exist yet: a
+  /* The mg API of a worker, except the shared dictionaries, which do not exist yet: a
    * config may look one up at load time (local d = mg.shared.limits); using it waits for a
    * worker. */
   static const char lenient_shared[] =
@@ -732,7 +733,9 @@ int mg_config_load(const char *file, mg_config_t *cfg, char **errors)
       "  end })\n"
       "end })\n";
   int ref = -1;
-  if (mg_lua_time_register(vm) != 0 ||
+  /* mg.aggregate is there when its module loads (a missing one is logged, not fatal here). */
+  mg_lua_aggregate_register(vm);
+  if (mg_lua_time_register(vm) != 0 || mg_lua_fetch_register(vm) != 0 ||
       (ref = mg_lua_vm_load_trusted(vm, "moongate/shared", lenient_shared,
                                     sizeof lenient_shared - 1, err, sizeof err)) < 0) {
     mg_lua_vm_free(vm);

@@ -47,12 +47,18 @@ static const char driver_lua[] =
     "  end\n"
     "  return chunk\n"
     "end\n"
+    "local function json(req)\n"
+    "  local body, err = req:body()\n"
+    "  if body == nil then return nil, err end\n"
+    "  return mg.json.decode(body)\n"
+    "end\n"
     "local function driver(f, a, b, c)\n"
     "  while true do\n"
     "    f, a, b, c = yield(END, f(a, b, c))\n"
     "  end\n"
     "end\n"
-    "return { END = END, driver = driver, run_list = run_list, run_filters = run_filters }\n";
+    "return { END = END, driver = driver, run_list = run_list, run_filters = run_filters,\n"
+    "         json = json }\n";
 
 /* Registry references, per process (one VM per worker process). */
 static struct {
@@ -551,30 +557,6 @@ static int l_req_body(lua_State *L) {
   return mg_task_wait(L, t, h, body_cancel);
 }
 
-/* req:json(): the body decoded (nil, err when it is not JSON). Yields like req:body(). */
-static int l_req_json_k(lua_State *L);
-static int l_req_json(lua_State *L) {
-  mg_task_check(L, "req:json", MG_HOOKS_REQUEST_SIDE);
-  mg_request_t *req = check_req(L, 1, 0);
-  hookrun_t *h = hookrun_of(req);
-  if (!(h->body_read || h->body_too_large || !req->has_body || req->body_done))
-    return luaL_error(L, "req:json: call req:body() first (it waits for the body)");
-  return l_req_json_k(L);
-}
-
-static int l_req_json_k(lua_State *L) {
-  mg_request_t *req = check_req(L, 1, 0);
-  hookrun_t *h = hookrun_of(req);
-  if (!h->body_read && !h->body_too_large) h->body_read = 1;
-  if (h->body_too_large) return push_body_result(L, h);
-  lua_getglobal(L, "mg");
-  lua_getfield(L, -1, "json");
-  lua_getfield(L, -1, "decode");
-  lua_pushlstring(L, h->body.data ? h->body.data : "", h->body.len);
-  lua_call(L, 1, 2);
-  return 2;
-}
-
 /* ------------------------------------------------------------------------------------------
  * The res object of the response hooks.
  * ---------------------------------------------------------------------------------------- */
@@ -704,11 +686,13 @@ static int setup_cb(lua_State *L) {
   lua_createtable(L, 0, 6);
   const luaL_Reg req_methods[] = {{"header", l_req_header}, {"set_header", l_req_set_header},
                                   {"set_path", l_req_set_path}, {"body", l_req_body},
-                                  {"json", l_req_json}, {NULL, NULL}};
+                                  {NULL, NULL}};
   for (const luaL_Reg *r = req_methods; r->name; r++) {
     lua_pushcfunction(L, r->func);
     lua_setfield(L, -2, r->name);
   }
+  lua_getfield(L, t, "json");                /* req:json(): req:body() then mg.json.decode */
+  lua_setfield(L, -2, "json");
   lua_setfield(L, -2, "methods");
   H.req_mt = luaL_ref(L, LUA_REGISTRYINDEX);
 
@@ -997,10 +981,19 @@ static void push_res_table(lua_State *L, const mg_hook_response_t *r) {
     push_lower(L, hd->name, hd->name_len);
     lua_pushvalue(L, -1);
     lua_rawget(L, -3);
+    int cookie = mg_http_ieq_n(hd->name, hd->name_len, "set-cookie", 10);
     if (lua_isnil(L, -1)) {
       lua_pop(L, 1);
       lua_pushlstring(L, hd->value, hd->value_len);
-    } else {                                 /* repeated: joined (Set-Cookie: a list) */
+      if (cookie) {                          /* Set-Cookie is never joined: a list */
+        lua_createtable(L, 1, 0);
+        lua_insert(L, -2);
+        lua_rawseti(L, -2, 1);
+      }
+    } else if (cookie) {
+      lua_pushlstring(L, hd->value, hd->value_len);
+      lua_rawseti(L, -2, (int)lua_objlen(L, -2) + 1);
+    } else {                                 /* repeated: joined with ", " (RFC 9110) */
       lua_pushlstring(L, ", ", 2);
       lua_pushlstring(L, hd->value, hd->value_len);
       lua_concat(L, 3);
@@ -1330,7 +1323,11 @@ static void snapshot_req(lua_State *L, int t, mg_request_t *req) {
     lua_pop(L, 1);
     if (cached) continue;
     int cache;
-    if (push_field(L, req, req_fields[i], &cache)) lua_setfield(L, t, req_fields[i]);
+    if (push_field(L, req, req_fields[i], &cache)) {   /* raw: the fields are read-only */
+      lua_pushstring(L, req_fields[i]);
+      lua_insert(L, -2);
+      lua_rawset(L, t);
+    }
   }
 }
 

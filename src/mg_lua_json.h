@@ -11,7 +11,9 @@
  *   table with keys 1..n    <-> array       (decoded arrays carry json.array_mt)
  *   other table             <-> object      (keys must be strings)
  *   empty table             ->  {} ; `[]` when it carries json.array_mt (json.array(t))
- * Integers beyond +-2^53 decode to the nearest double, as JSON.parse does. Containers nest at
+ * Integers beyond +-2^53 decode to a "bigint" userdata that keeps the digits: tostring gives
+ * them, == compares them, and encode writes them back unchanged (ids survive a merge). Other
+ * numbers that do not fit a double are refused. Containers nest at
  * most MG_JSON_MAX_DEPTH deep in either direction; a table that contains itself refuses. */
 #ifndef MG_LUA_JSON_H
 #define MG_LUA_JSON_H

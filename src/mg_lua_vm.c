@@ -512,6 +512,8 @@ mg_lua_status_t mg_lua_vm_resume(mg_lua_run_t *run, int nargs) {
   }
   mg_lua_vm_t *vm = run->vm;
   mg_lua_run_t *prev = tls_run;
+  int headroom = vm->reserve;
+  vm->reserve = 0;                          /* scripts meet the cap itself */
   tls_run = run;
   run->insns = 0;
   run->exceeded = 0;
@@ -519,6 +521,7 @@ mg_lua_status_t mg_lua_vm_resume(mg_lua_run_t *run, int nargs) {
   lua_sethook(co, on_hook, LUA_MASKCOUNT, MG_LUA_HOOK_STEP);
   int rc = lua_resume(co, nargs);
   tls_run = prev;
+  vm->reserve = headroom;
   if (run->exceeded) lua_sethook(co, on_hook, LUA_MASKCOUNT, MG_LUA_HOOK_STEP);
   if (rc == LUA_YIELD && !run->exceeded) {
     run->state = RUN_YIELDED;
@@ -689,4 +692,10 @@ int mg_lua_vm_allow(mg_lua_vm_t *vm, unsigned what) {
     return -1;
   }
   return 0;
+}
+
+int mg_lua_vm_headroom(mg_lua_vm_t *vm, int on) {
+  int prev = vm->reserve;
+  vm->reserve = on;
+  return prev;
 }

@@ -123,6 +123,12 @@ enum {
 /* Opens what WHAT names (MG_LUA_ALLOW_* bits) to every user chunk. Returns 0 or -1. */
 int mg_lua_vm_allow(mg_lua_vm_t *vm, unsigned what);
 
+/* While ON, allocations may use MG_LUA_MEM_RESERVE bytes above the cap: for C code that
+ * pushes values outside a protected call (a failed allocation there would abort), e.g. the
+ * arguments of the next hook when a script left the VM near its cap. Runs always meet the
+ * cap itself. Returns the previous setting, to restore. */
+int mg_lua_vm_headroom(mg_lua_vm_t *vm, int on);
+
 /* Releases a reference returned by mg_lua_vm_load. */
 void mg_lua_vm_unref(mg_lua_vm_t *vm, int ref);
 

@@ -215,8 +215,12 @@ static void request_handler(mg_request_t *req) {
       if (mg_http_ieq(h->name, strlen(h->name), "content-type")) { ctype = h->value; continue; }
       mg_buf_printf(&hdrs, "%s: %s\r\n", h->name, h->value);
     }
-    mg_request_respond(req, route->respond_status, ctype, route->respond_body,
-                       route->respond_body_len, hdrs.data, hdrs.len);
+    if (route->hooks & MG_HOOK_BIT(MG_HOOK_RESPONSE))
+      mg_request_handler_answer(req, route->respond_status, ctype, route->respond_body,
+                                route->respond_body_len, hdrs.data, hdrs.len);
+    else
+      mg_request_respond(req, route->respond_status, ctype, route->respond_body,
+                         route->respond_body_len, hdrs.data, hdrs.len);
     mg_buf_dispose(&hdrs);
     return;
   }

@@ -1153,7 +1153,9 @@ end
 -- Globals assigned by a hook at run time would be shared by every request of the worker:
 -- once loading is over, an environment refuses new globals.
 local function lock_env(env)
+  local mt = getmetatable(env)
   setmetatable(env, {
+    __index = mt and mt.__index,          -- a script's globals still read through to the sandbox
     __newindex = function(_, k)
       error(format("assignment to undeclared global %s (hooks share their file's globals: " ..
                    "use a local, or req.ctx for per-request state)", keyname(k)), 2)
