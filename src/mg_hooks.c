@@ -739,13 +739,30 @@ void mg_hooks_gen_unref(mg_gen_t *g) {
  * Steps.
  * ---------------------------------------------------------------------------------------- */
 
-static void on_task_resumed(mg_task_t *t, mg_lua_status_t st) { step_finished(t->data, st); }
+static void on_task_resumed_unguarded(mg_task_t *t, mg_lua_status_t st) { step_finished(t->data, st); }
+
+static void on_task_resumed(mg_task_t *t, mg_lua_status_t st) {
+  int headroom = mg_lua_vm_headroom(H.vm, 1);   /* C-side pushes may not abort */
+  on_task_resumed_unguarded(t, st);
+  mg_lua_vm_headroom(H.vm, headroom);
+}
 
 /* The request's hook state, made on first use with its coroutine and req table. */
+/* Finished requests leave their hook state here with its coroutine, whose driver waits for
+ * the next step: a busy worker runs hooks without making a coroutine per request. */
+#define MG_SPARE_HOOKRUNS 64
+static hookrun_t *spare_runs[MG_SPARE_HOOKRUNS];
+static size_t nspare_runs;
+
 static hookrun_t *hookrun_get(mg_request_t *req) {
   if (req->hooks) return req->hooks;
-  hookrun_t *h = calloc(1, sizeof *h);
-  if (!h) return NULL;
+  hookrun_t *h;
+  if (nspare_runs) {
+    h = spare_runs[--nspare_runs];
+  } else {
+    h = calloc(1, sizeof *h);
+    if (!h) return NULL;
+  }
   h->req = req;
   h->req_ref = h->res_ref = -1;
   h->task.w = req->w;
@@ -757,12 +774,13 @@ static hookrun_t *hookrun_get(mg_request_t *req) {
   return h;
 }
 
-/* Makes the coroutine (and the req table) when there is none. Returns 0 or -1. */
+/* Makes the coroutine and the req table when there are none. Returns 0 or -1. */
 static int hookrun_ready(hookrun_t *h) {
-  if (h->task.run) return 0;
-  h->task.run = mg_lua_run_new(H.vm);
-  if (!h->task.run) return -1;
-  h->started = 0;
+  if (!h->task.run) {
+    h->task.run = mg_lua_run_new(H.vm);
+    if (!h->task.run) return -1;
+    h->started = 0;
+  }
   if (h->req_ref >= 0) return 0;
   lua_State *co = mg_lua_run_thread(h->task.run);
   lua_createtable(co, 0, 4);
@@ -1009,7 +1027,7 @@ static void push_res_table(lua_State *L, const mg_hook_response_t *r) {
   lua_setmetatable(L, -2);
 }
 
-void mg_hooks_run_response(mg_request_t *req, mg_hook_response_t *resp) {
+static void mg_hooks_run_response_unguarded(mg_request_t *req, mg_hook_response_t *resp) {
   hookrun_t *h = hookrun_get(req);
   if (!h || hookrun_ready(h) != 0) {
     mg_request_error(req, MG_HTTP_E_INTERNAL);
@@ -1028,7 +1046,13 @@ void mg_hooks_run_response(mg_request_t *req, mg_hook_response_t *resp) {
   step_go(h, MG_HOOK_RESPONSE);
 }
 
-void mg_hooks_body_ready(mg_request_t *req, const char *data, size_t len) {
+void mg_hooks_run_response(mg_request_t *req, mg_hook_response_t *resp) {
+  int headroom = mg_lua_vm_headroom(H.vm, 1);   /* C-side pushes may not abort */
+  mg_hooks_run_response_unguarded(req, resp);
+  mg_lua_vm_headroom(H.vm, headroom);
+}
+
+static void mg_hooks_body_ready_unguarded(mg_request_t *req, const char *data, size_t len) {
   hookrun_t *h = hookrun_of(req);
   if (!h || !h->resp_body_waiting) return;
   h->resp_body_waiting = 0;
@@ -1046,7 +1070,13 @@ void mg_hooks_body_ready(mg_request_t *req, const char *data, size_t len) {
   mg_task_wake(&h->task, 1);
 }
 
-int mg_hooks_response_head(mg_request_t *req, mg_buf_t *out) {
+void mg_hooks_body_ready(mg_request_t *req, const char *data, size_t len) {
+  int headroom = mg_lua_vm_headroom(H.vm, 1);   /* C-side pushes may not abort */
+  mg_hooks_body_ready_unguarded(req, data, len);
+  mg_lua_vm_headroom(H.vm, headroom);
+}
+
+static int mg_hooks_response_head_unguarded(mg_request_t *req, mg_buf_t *out) {
   hookrun_t *h = hookrun_of(req);
   if (h->resp_replaced) {
     mg_buf_append(out, h->resp_head.data, h->resp_head.len);
@@ -1081,6 +1111,13 @@ int mg_hooks_response_head(mg_request_t *req, mg_buf_t *out) {
   return status;
 }
 
+int mg_hooks_response_head(mg_request_t *req, mg_buf_t *out) {
+  int headroom = mg_lua_vm_headroom(H.vm, 1);   /* C-side pushes may not abort */
+  int rc = mg_hooks_response_head_unguarded(req, out);
+  mg_lua_vm_headroom(H.vm, headroom);
+  return rc;
+}
+
 int mg_hooks_response_body(mg_request_t *req, const char **data, size_t *len) {
   hookrun_t *h = hookrun_of(req);
   if (!h || !h->resp_body_known) return 0;
@@ -1094,7 +1131,7 @@ int mg_hooks_has_filters(mg_request_t *req) {
   return h && h->nfilters > 0 && h->task.run;
 }
 
-int mg_hooks_filter(mg_request_t *req, const char *data, size_t len, int eof, mg_buf_t *out) {
+static int mg_hooks_filter_unguarded(mg_request_t *req, const char *data, size_t len, int eof, mg_buf_t *out) {
   hookrun_t *h = hookrun_of(req);
   lua_State *co = mg_lua_run_thread(h->task.run);
   lua_rawgeti(co, LUA_REGISTRYINDEX, H.run_filters);
@@ -1127,6 +1164,13 @@ int mg_hooks_filter(mg_request_t *req, const char *data, size_t len, int eof, mg
   hookrun_drop_run(h);
   h->nfilters = 0;
   return -1;
+}
+
+int mg_hooks_filter(mg_request_t *req, const char *data, size_t len, int eof, mg_buf_t *out) {
+  int headroom = mg_lua_vm_headroom(H.vm, 1);   /* C-side pushes may not abort */
+  int rc = mg_hooks_filter_unguarded(req, data, len, eof, out);
+  mg_lua_vm_headroom(H.vm, headroom);
+  return rc;
 }
 
 /* ---- finishing a step --------------------------------------------------------------------- */
@@ -1254,7 +1298,7 @@ static void step_finished(hookrun_t *h, mg_lua_status_t st) {
 
 /* ---- the request phases ----------------------------------------------------------------- */
 
-void mg_hooks_run(mg_request_t *req, int hook) {
+static void mg_hooks_run_unguarded(mg_request_t *req, int hook) {
   hookrun_t *h = hookrun_get(req);
   if (!h || hookrun_ready(h) != 0) {
     mg_request_error(req, MG_HTTP_E_INTERNAL);
@@ -1270,6 +1314,12 @@ void mg_hooks_run(mg_request_t *req, int hook) {
     push_list_step(h, hook == MG_HOOK_REQUEST ? "request" : "access", -1);
   }
   step_go(h, hook);
+}
+
+void mg_hooks_run(mg_request_t *req, int hook) {
+  int headroom = mg_lua_vm_headroom(H.vm, 1);   /* C-side pushes may not abort */
+  mg_hooks_run_unguarded(req, hook);
+  mg_lua_vm_headroom(H.vm, headroom);
 }
 
 const mg_header_edit_t *mg_hooks_header_edits(const mg_request_t *req, size_t *n) {
@@ -1331,7 +1381,7 @@ static void snapshot_req(lua_State *L, int t, mg_request_t *req) {
   }
 }
 
-void mg_hooks_run_log(mg_request_t *req) {
+static void mg_hooks_run_log_unguarded(mg_request_t *req) {
   if (!req->route || !req->gen || !(req->route->hooks & MG_HOOK_BIT(MG_HOOK_LOG))) return;
   hookrun_t *h = hookrun_get(req);
   if (!h || hookrun_ready(h) != 0) return;
@@ -1375,6 +1425,12 @@ void mg_hooks_run_log(mg_request_t *req) {
   log_resumed(&lt->task, st);
 }
 
+void mg_hooks_run_log(mg_request_t *req) {
+  int headroom = mg_lua_vm_headroom(H.vm, 1);   /* C-side pushes may not abort */
+  mg_hooks_run_log_unguarded(req);
+  mg_lua_vm_headroom(H.vm, headroom);
+}
+
 /* ---- freeing -------------------------------------------------------------------------------- */
 
 void mg_hooks_request_free(mg_request_t *req) {
@@ -1386,15 +1442,46 @@ void mg_hooks_request_free(mg_request_t *req) {
   lua_State *L = mg_lua_vm_state(H.vm);
   if (h->req_ref >= 0) luaL_unref(L, LUA_REGISTRYINDEX, h->req_ref);
   if (h->res_ref >= 0) luaL_unref(L, LUA_REGISTRYINDEX, h->res_ref);
-  mg_lua_run_free(h->task.run);
-  mg_buf_dispose(&h->body);
-  mg_buf_dispose(&h->resp_body);
-  mg_buf_dispose(&h->resp_head);
   for (size_t i = 0; i < h->nedits; i++) {
     free(h->edits[i].name);
     free(h->edits[i].value);
   }
   free(h->edits);
   free(h->path);
+  /* A coroutine whose driver waits at the end of a step is kept for the next request. */
+  int idle = h->task.run && h->started && h->step == -1 && !h->resp_body_waiting &&
+             !h->body_waiting;
+  if (idle && nspare_runs < MG_SPARE_HOOKRUNS && !req->w->stopping) {
+    lua_settop(mg_lua_run_thread(h->task.run), 0);
+    mg_lua_run_t *run = h->task.run;
+    mg_buf_t body = h->body, resp_body = h->resp_body, resp_head = h->resp_head;
+    mg_buf_reset(&body, 16 * 1024);
+    mg_buf_reset(&resp_body, 16 * 1024);
+    mg_buf_reset(&resp_head, 4 * 1024);
+    memset(h, 0, sizeof *h);
+    h->task.run = run;
+    h->started = 1;
+    h->step = -1;
+    h->body = body;
+    h->resp_body = resp_body;
+    h->resp_head = resp_head;
+    spare_runs[nspare_runs++] = h;
+    return;
+  }
+  mg_lua_run_free(h->task.run);
+  mg_buf_dispose(&h->body);
+  mg_buf_dispose(&h->resp_body);
+  mg_buf_dispose(&h->resp_head);
   free(h);
+}
+
+void mg_hooks_free_spares(void) {
+  while (nspare_runs) {
+    hookrun_t *h = spare_runs[--nspare_runs];
+    mg_lua_run_free(h->task.run);
+    mg_buf_dispose(&h->body);
+    mg_buf_dispose(&h->resp_body);
+    mg_buf_dispose(&h->resp_head);
+    free(h);
+  }
 }

@@ -87,6 +87,9 @@ const mg_header_edit_t *mg_hooks_header_edits(const struct mg_request *req, size
  * proxy then sends it with a Content-Length. */
 int mg_hooks_request_body(const struct mg_request *req, const char **data, size_t *len);
 
+/* Frees the hook states kept for reuse (before the VM is freed). */
+void mg_hooks_free_spares(void);
+
 /* Frees what the request's hooks hold (cancels a pending operation). */
 void mg_hooks_request_free(struct mg_request *req);
 

@@ -242,6 +242,7 @@ int mg_worker_run(const mg_config_t *cfg, const int *fds, struct mg_shdict *cons
   uv_loop_close(&w->loop);
   mg_request_free_spares(w);
   mg_proxy_free_spares();
+  mg_hooks_free_spares();
   mg_lua_vm_free(w->vm);
   free(w->listeners);
   free(w);
