@@ -23,6 +23,7 @@
 #include "mg_http.h"
 #include "mg_log.h"
 #include "mg_lua_json.h"
+#include "mg_path.h"
 #include "mg_request.h"
 #include "mg_task.h"
 
@@ -459,18 +460,26 @@ static int l_req_set_path(lua_State *L) {
   for (size_t i = 0; i < n; i++)
     if ((unsigned char)p[i] <= ' ' || p[i] == 0x7f || p[i] == '#')
       return luaL_error(L, "req:set_path: the path holds a space, a control character or #");
-  char *copy = strndup(p, n);
+  /* Stored as "<normalised path>\0<query>": routing sees what it would see from a client. */
+  const char *q = memchr(p, '?', n);
+  size_t plen = q ? (size_t)(q - p) : n;
+  char *copy = malloc(n + 2);
   if (!copy) return luaL_error(L, "not enough memory");
+  size_t outlen = 0;
+  if (mg_path_normalize(p, plen, copy, &outlen) != 0) {
+    free(copy);
+    return luaL_error(L, "req:set_path: invalid path (bad %%-escape, control byte or .. above /)");
+  }
   free(h->path);
   h->path = copy;
-  char *q = strchr(copy, '?');
-  if (q) {
-    *q = '\0';
-    req->query = q + 1;
-    req->query_len = strlen(q + 1);
-  }
   req->path = copy;
-  req->path_len = strlen(copy);
+  req->path_len = outlen;
+  if (q) {
+    memcpy(copy + outlen + 1, q + 1, n - plen - 1);
+    copy[outlen + 1 + (n - plen - 1)] = '\0';
+    req->query = copy + outlen + 1;
+    req->query_len = n - plen - 1;
+  }
   lua_pushliteral(L, "args");                /* a cached req.args is stale now */
   lua_pushnil(L);
   lua_rawset(L, 1);
