@@ -1423,8 +1423,12 @@ static void mg_hooks_run_log_unguarded(mg_request_t *req) {
   lua_pushnumber(co, (double)(uv_hrtime() - req->start_ns) / 1e9);
   lua_setfield(co, -2, "duration");
   if (req->upstream_name) {
-    lua_pushstring(co, req->upstream_name);
-    lua_setfield(co, -2, "upstream");
+    if (req->route->upstream) {
+      lua_pushstring(co, req->route->upstream);
+      lua_setfield(co, -2, "upstream");
+    }
+    lua_pushstring(co, req->upstream_name);     /* the target, "host:port" */
+    lua_setfield(co, -2, "target");
     lua_pushnumber(co, req->upstream_time);
     lua_setfield(co, -2, "upstream_time");
   }

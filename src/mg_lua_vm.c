@@ -556,10 +556,15 @@ mg_lua_run_t *mg_lua_run_current(void) { return tls_run; }
 
 void mg_lua_run_free(mg_lua_run_t *run) {
   if (run == NULL) return;
-  if (run->ref != LUA_NOREF) luaL_unref(run->vm->L, LUA_REGISTRYINDEX, run->ref);
+  mg_lua_vm_t *vm = run->vm;
+  int failed = run->state == RUN_FAILED;
+  if (run->ref != LUA_NOREF) luaL_unref(vm->L, LUA_REGISTRYINDEX, run->ref);
   free(run->error);
   free(run->traceback);
   free(run);
+  /* A run that failed near the cap held its garbage on its stack until now. */
+  if (failed && vm->own_alloc && vm->mem_limit && vm->used > vm->mem_limit / 4 * 3)
+    lua_gc(vm->L, LUA_GCCOLLECT, 0);
 }
 
 /* ---- loading chunks ---------------------------------------------------------------------- */

@@ -1154,8 +1154,9 @@ end
 -- once loading is over, an environment refuses new globals.
 local function lock_env(env)
   local mt = getmetatable(env)
+  local base = mt and type(mt.__index) == "table" and mt.__index or nil
   setmetatable(env, {
-    __index = mt and mt.__index,          -- a script's globals still read through to the sandbox
+    __index = base,                       -- a script's globals still read through to the sandbox
     __newindex = function(_, k)
       error(format("assignment to undeclared global %s (hooks share their file's globals: " ..
                    "use a local, or req.ctx for per-request state)", keyname(k)), 2)

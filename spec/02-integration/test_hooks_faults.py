@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from hookkit import (LOG_HOOK_BUG, assert_same_worker, assert_script_error, config_line, get,
+from hookkit import (assert_same_worker, assert_script_error, config_line, get,
                      hook_gateway, log_entry, one_worker, raw_get, timed, wait_log)
 from mgtest import Client, Upstream, parse_responses, raw
 
@@ -77,7 +77,6 @@ def test_an_error_in_a_hook_is_a_json_500_with_file_line_and_traceback(upstream,
     assert_same_worker(g, pid)
 
 
-@pytest.mark.xfail(strict=True, reason=LOG_HOOK_BUG)
 def test_an_error_in_a_log_hook_is_logged_only(upstream):
     g = hook_gateway(FAILING, up=upstream, workers=1)
     pid = one_worker(g)
@@ -346,14 +345,6 @@ route "/bursts" {
 # Unbounded allocation: the memory cap
 # ---------------------------------------------------------------------------------------------
 
-MEMORY_BUG = (
-    "the garbage of a request that hit lua { memory } is never collected: on_alloc "
-    "(src/mg_lua_vm.c:117) refuses growth past the cap without a full GC first (LuaJIT has no "
-    "emergency GC) and nothing collects after the error, so collectgarbage('count') stays at "
-    "~32 MB; later requests that allocate get 'not enough memory', and after ~10-20 of them "
-    "every hook request is a 500 with no log line (mg_lua_run_new fails in hookrun_ready, "
-    "src/mg_hooks.c) or the worker exits with status 1")
-
 MEMORY = r'''
 lua { memory = "32m", budget = 3 }   -- a generous budget: the cap must be what stops it
 route "/hog" {
@@ -384,7 +375,6 @@ def test_unbounded_allocation_is_a_500_and_the_worker_lives_on():
     assert_same_worker(g, pid)
 
 
-@pytest.mark.xfail(strict=True, reason=MEMORY_BUG)
 def test_the_memory_of_a_request_that_hit_the_cap_is_reclaimed():
     """After each request that ran into the cap, its garbage must not keep the next requests
     from allocating. Eight rounds, each hog request with a different header size, so the
