@@ -90,8 +90,13 @@ void mg_gen_adopt(mg_gen_t *g, mg_gen_t *old) {
       mg_target_t *from = &u->targets[j];
       mg_target_t *to = from->idle ? mg_gen_same_target(g, from) : NULL;
       if (!to) continue;
+      int max_idle = to->up->conf->keepalive_max_idle;
       while (from->idle) {                   /* unlink from the old pool, link into the new */
         mg_upconn_t *c = from->idle;
+        if (max_idle <= 0 || to->nidle >= (size_t)max_idle) {   /* the new pool is smaller */
+          mg_upconn_close(c);                /* unlinks it from FROM */
+          continue;
+        }
         from->idle = c->next;
         if (from->idle) from->idle->prev = NULL;
         from->nidle--;

@@ -44,6 +44,8 @@ typedef struct master {
   int watch;
   uv_fs_event_t **watches;        /* each malloc'd, freed when closed */
   size_t nwatches;
+  char **watched;                 /* the files whose changes reload */
+  size_t nwatched;
   uv_timer_t watch_timer;         /* changes come in bursts: reload once they settle */
 } master_t;
 
@@ -123,6 +125,7 @@ static void on_respawn_timer(uv_timer_t *t);
 static void spawn(master_t *m, int s) {
   slot_t *slot = &m->slots[s];
   pid_t parent = getpid();
+  if (m->status) mg_worker_set_start_generation(mg_status_load(&m->status->generation));
   pid_t pid = fork();
   if (pid < 0) {
     /* The slot's socket keeps taking connections: try again in a second. */
@@ -139,6 +142,7 @@ static void spawn(master_t *m, int s) {
     uv_signal_stop(&m->sig_quit);
     uv_signal_stop(&m->sig_chld);
     uv_signal_stop(&m->sig_hup);
+    signal(SIGHUP, SIG_IGN);                 /* until the worker handles it (no default death) */
     prctl(PR_SET_PDEATHSIG, SIGTERM);
     if (getppid() != parent) _exit(0);
     for (int o = 0; o < m->nslots; o++)
@@ -251,6 +255,15 @@ static const char *not_reloadable(const master_t *m, const mg_config_t *next) {
         cur->shared[i].size != next->shared[i].size)
       return "the shared dictionaries changed (restart to apply)";
   if (next->workers != m->nworkers_conf) return "gateway.workers changed (restart to apply)";
+  if (memcmp(&cur->limits, &next->limits, sizeof cur->limits) != 0)
+    return "limits changed (restart to apply)";
+  if (!same_str(cur->pid_file, next->pid_file) || !same_str(cur->access_log, next->access_log) ||
+      !same_str(cur->error_log, next->error_log) || cur->log_level != next->log_level ||
+      cur->drain_timeout != next->drain_timeout || cur->nredact_query != next->nredact_query)
+    return "gateway settings changed (restart to apply)";
+  for (size_t i = 0; i < cur->nredact_query; i++)
+    if (strcmp(cur->redact_query[i], next->redact_query[i]) != 0)
+      return "gateway settings changed (restart to apply)";
   if (next->lua_memory != cur->lua_memory) return "lua.memory changed (restart to apply)";
   if (next->lua_allow != cur->lua_allow) return "lua.allow changed (restart to apply)";
   if (!same_str(cur->admin_token, next->admin_token))
@@ -316,10 +329,23 @@ static void on_sighup(uv_signal_t *h, int signum) {
 /* --watch */
 static void on_watch_timer(uv_timer_t *t) { master_reload(t->data, "file change"); }
 
+/* Only the files the config loaded count: a log file in the same directory must not
+ * reload the gateway every time a line is written. */
 static void on_watch_event(uv_fs_event_t *h, const char *name, int events, int status) {
   master_t *m = h->data;
   if (status < 0 || m->stopping) return;
-  if (name && (name[0] == '.' || name[strlen(name) - 1] == '~')) return;  /* editor files */
+  if (name) {
+    char dir[4096];
+    size_t len = sizeof dir;
+    if (uv_fs_event_getpath(h, dir, &len) != 0) return;
+    int ours = 0;
+    for (size_t i = 0; i < m->nwatched && !ours; i++) {
+      const char *f = m->watched[i];
+      size_t dl = strlen(dir);
+      ours = strncmp(f, dir, dl) == 0 && f[dl] == '/' && strcmp(f + dl + 1, name) == 0;
+    }
+    if (!ours) return;
+  }
   uv_timer_start(&m->watch_timer, on_watch_timer, 100, 0);
 }
 
@@ -330,13 +356,23 @@ static void unwatch(master_t *m) {
   free(m->watches);
   m->watches = NULL;
   m->nwatches = 0;
+  for (size_t i = 0; i < m->nwatched; i++) free(m->watched[i]);
+  free(m->watched);
+  m->watched = NULL;
+  m->nwatched = 0;
 }
 
 /* Watches the directory of every file the config loaded (the config's own first). */
 static void watch_files(master_t *m, const mg_config_t *cfg) {
   unwatch(m);
   uv_fs_event_t **list = calloc(cfg->nfiles ? cfg->nfiles : 1, sizeof *list);
-  if (!list) return;
+  m->watched = calloc(cfg->nfiles ? cfg->nfiles : 1, sizeof *m->watched);
+  if (!list || !m->watched) {
+    free(list);
+    return;
+  }
+  for (size_t i = 0; i < cfg->nfiles; i++)
+    if ((m->watched[m->nwatched] = strdup(cfg->files[i])) != NULL) m->nwatched++;
   size_t n = 0;
   for (size_t i = 0; i < cfg->nfiles; i++) {
     char dir[4096];

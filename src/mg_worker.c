@@ -18,6 +18,8 @@
 #include "mg_lua_time.h"
 #include "mg_shdict.h"
 #include "mg_status.h"
+
+#include <lua.h>
 #include "mg_proxy.h"
 #include "mg_request.h"
 #include "mg_upstream.h"
@@ -59,8 +61,11 @@ static void worker_stop(mg_worker_t *w) {
 }
 
 static mg_status_t *the_status;
+static uint64_t start_generation = 1;
 
 void mg_worker_set_status(mg_status_t *st) { the_status = st; }
+
+void mg_worker_set_start_generation(uint64_t id) { start_generation = id; }
 
 mg_status_t *mg_worker_status(void) { return the_status; }
 
@@ -79,12 +84,17 @@ static void worker_reload(mg_worker_t *w) {
   char *errors = NULL;
   mg_gen_t *g = mg_worker_load_gen(w, id, &errors);
   mg_status_worker_t *me = my_status(w);
+  /* What the load left behind (all of it, when it failed) must not count against the cap of
+   * the generation that keeps serving. */
+  lua_gc(mg_lua_vm_state(w->vm), LUA_GCCOLLECT, 0);
   if (!g) {
     mg_log_error("reload: generation %llu could not be loaded; generation %llu keeps serving: %s",
                  (unsigned long long)id, (unsigned long long)w->gen->id,
                  errors ? errors : "out of memory");
     if (me) {
       snprintf(me->error, sizeof me->error, "%s", errors ? errors : "out of memory");
+      size_t n = strlen(me->error);
+      while (n && me->error[n - 1] == '\n') me->error[--n] = '\0';
       mg_status_store(&me->failed_generation, id);
     }
     free(errors);
@@ -148,7 +158,7 @@ static int worker_first_gen(mg_worker_t *w) {
     return -1;
   }
   char *errors = NULL;
-  uint64_t id = the_status ? mg_status_load(&the_status->generation) : 1;
+  uint64_t id = start_generation;            /* the generation of the files inherited at fork */
   mg_config_snapshot(MG_SNAPSHOT_REPLAY);    /* the files as the master accepted them */
   w->gen = mg_worker_load_gen(w, id ? id : 1, &errors);
   mg_config_snapshot(MG_SNAPSHOT_FREE);
@@ -225,6 +235,7 @@ int mg_worker_run(const mg_config_t *cfg, const int *fds, struct mg_shdict *cons
   uv_signal_start(&w->sig_term, on_signal, SIGTERM);
   uv_signal_start(&w->sig_int, on_signal, SIGINT);
   uv_signal_start(&w->sig_hup, on_signal, SIGHUP);
+  worker_reload(w);                          /* a reload announced while this worker started */
 
   uv_run(&w->loop, UV_RUN_DEFAULT);
 

@@ -69,6 +69,9 @@ struct mg_status;
 void mg_worker_set_status(struct mg_status *st);
 struct mg_status *mg_worker_status(void);
 
+/* The generation whose files the master's snapshot holds when it forks a worker. */
+void mg_worker_set_start_generation(uint64_t id);
+
 
 /* Evaluates the config file in W's VM and builds generation ID from it. Returns NULL with
  * the errors (malloc'd, one "file:line: message" per line) in *ERRORS. */
