@@ -279,10 +279,6 @@ def test_watch_reloads_when_the_config_or_a_handler_file_changes():
         assert gw.stop() == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "--watch reloads in a loop when the error log (or access log) is in a watched directory: "
-    "each reload logs a line, the write is a change, the change is a reload (mg_master.c "
-    "on_watch_event reacts to any file of the directory)"))
 def test_watch_does_not_reload_on_the_gateways_own_log_writes():
     cdir = new_dir()
     head = ('gateway { pid_file = "{tmp}/moongate.pid", access_log = "{cdir}/access.log", '
@@ -452,11 +448,6 @@ def test_a_generation_the_workers_cannot_load_is_reported():
         assert "gateway.lua" in r.json()["error"], r.body
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "after a worker ran out of lua.memory building a generation, its old generation answers "
-    "500 and no later reload loads (the failed load's memory is never reclaimed: "
-    "mg_worker.c worker_reload / mg_config_load_vm failure path, no full GC; mg_lua_vm.c "
-    "on_hook counts garbage against the cap)"))
 def test_the_old_generation_keeps_serving_after_a_worker_could_not_load_the_new_one():
     with start(BIG, workers=1, n=10, v="v1") as gw:
         write_config(gw, BIG, n=100000, v="v2")
@@ -470,11 +461,6 @@ def test_the_old_generation_keeps_serving_after_a_worker_could_not_load_the_new_
         assert_serves_only(gw, "/v", b"v3", 3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a worker respawned after a rejected reload loads the config file from disk (the one the "
-    "master rejected), fails, and is respawned again and again: its listening socket keeps "
-    "taking connections that nobody answers (mg_worker.c worker_first_gen reads "
-    "w->cfg->file instead of the last accepted generation)"))
 def test_a_worker_respawned_after_a_rejected_reload_serves_the_running_config():
     with start(V1) as gw:
         write_config(gw, V1 + 'route "GET /x" {\n')
@@ -511,11 +497,6 @@ LIMITS = ('limits { uri_bytes = {uri} }\n'
           'route "GET /*" { respond = { 200, "any" } }\n')
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a reload that changes limits is accepted but the startup limits stay in force: the "
-    "server reads c->w->cfg->limits (the config the worker started with), e.g. mg_server.c "
-    "on_url/check_head/conn_arm_timer, mg_request.c keepalive_requests; not_reloadable() does "
-    "not list them either"))
 def test_a_limits_change_is_applied_or_refused_not_ignored():
     with start(LIMITS, workers=1, uri=8192) as gw:
         long_path = "/" + "a" * 500
@@ -527,10 +508,6 @@ def test_a_limits_change_is_applied_or_refused_not_ignored():
             assert try_get(gw.port, long_path)[0] == 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a reload that moves the access log is accepted but the workers keep writing the old "
-    "file: mg_worker.c opens cfg->access_log once at start, and not_reloadable() does not "
-    "refuse the change"))
 def test_an_access_log_change_is_applied_or_refused_not_ignored():
     with start(V1, workers=1) as gw:
         assert request(gw.port, "GET", "/v").status == 200
@@ -544,11 +521,6 @@ def test_an_access_log_change_is_applied_or_refused_not_ignored():
                     os.path.join(gw.tmp, "access.log")).read()[-300:]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a worker is killed by a SIGHUP that arrives while it starts: the forked child stops the "
-    "master's SIGHUP handler (libuv restores SIG_DFL) and installs its own only after loading "
-    "the config (mg_master.c spawn, mg_worker.c mg_worker_run); the master sends SIGHUP to "
-    "every slot on reload, so a reload that meets a respawn kills the new worker"))
 def test_a_reload_signal_reaching_a_starting_worker_does_not_kill_it():
     # The master's own timing rarely lands in the window, so the test sends the worker the
     # signal the master would send, as soon as the worker exists (a few tries: it is a race).
@@ -822,10 +794,6 @@ def test_idle_upstream_connection_is_closed_when_the_reload_drops_its_upstream()
         assert gw.stop() == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mg_gen_adopt (mg_gen.c) moves every idle connection into the new generation's pool "
-    "without applying its limits: after a reload to keepalive = 0 the old idle connection "
-    "stays open and carries the next request"))
 def test_a_reload_that_lowers_upstream_keepalive_trims_the_idle_connections():
     pool = POOL.replace('"127.0.0.1:{up}"', '"127.0.0.1:{up}", keepalive = {ka}')
     with Upstream() as up, start(pool, workers=1, up=up.port, ka=32, v="v1") as gw:
