@@ -13,7 +13,6 @@ import time
 
 from mgtest import Client, Gateway, error_json, parse_responses, raw, request, wait_for
 
-# Why the log-hook tests are expected to fail (see the report of this branch).
 
 LISTEN = 'listen { port = {port}, host = "127.0.0.1" }\n'
 
