@@ -1,6 +1,7 @@
 /* main: the moongate command line.
- *   moongate [-c FILE] [-w N] [--foreground]   run (master + workers) in the foreground
+ *   moongate [-c FILE] [-w N] [--watch]         run (master + workers) in the foreground
  *   moongate check -c FILE                      validate; print every error as file:line
+ *   moongate reload -c FILE                     check, then switch the running gateway to it
  *   moongate stop -c FILE                       SIGTERM the running master (pid file)
  *   moongate version */
 #include <errno.h>
@@ -13,18 +14,20 @@
 #include "mg_config.h"
 #include "mg_log.h"
 #include "mg_master.h"
+#include "mg_status.h"
+#include "mg_version.h"
 
-#define MOONGATE_VERSION "0.1.0"
 #define DEFAULT_CONFIG "examples/gateway.lua"
 
 static void usage(FILE *f) {
   fprintf(f,
-          "usage: moongate [-c FILE] [-w N] [--foreground]   run the gateway\n"
+          "usage: moongate [-c FILE] [-w N] [--watch]         run the gateway\n"
           "       moongate check [-c FILE]                    validate a config\n"
+          "       moongate reload [-c FILE]                   reload the running gateway\n"
           "       moongate stop [-c FILE]                     stop the running gateway\n"
           "       moongate version\n"
           "FILE defaults to %s; -w N sets the number of workers (default: config, or one\n"
-          "per core).\n",
+          "per core); --watch reloads when a file next to the config's files changes.\n",
           DEFAULT_CONFIG);
 }
 
@@ -37,21 +40,90 @@ static int load(const char *file, mg_config_t *cfg) {
   return -1;
 }
 
-static int cmd_stop(mg_config_t *cfg) {
-  const char *path = cfg->pid_file ? cfg->pid_file : "/tmp/moongate.pid";
+/* The running master's pid from the pid file, or -1 (the reason printed). */
+static int read_pid(const char *path) {
   FILE *f = fopen(path, "r");
   if (!f) {
     fprintf(stderr, "moongate: cannot read pid file %s: %s (is it running?)\n", path,
             strerror(errno));
-    return 1;
+    return -1;
   }
   int pid = 0;
   int ok = fscanf(f, "%d", &pid) == 1 && pid > 0;
   fclose(f);
   if (!ok) {
     fprintf(stderr, "moongate: pid file %s holds no pid\n", path);
+    return -1;
+  }
+  return pid;
+}
+
+/* The config was checked already (main loads it first): signal the master, then wait for
+ * its verdict and for every worker to serve the new generation (or report why not). */
+static int cmd_reload(mg_config_t *cfg) {
+  const char *path = cfg->pid_file ? cfg->pid_file : "/tmp/moongate.pid";
+  int pid = read_pid(path);
+  if (pid < 0) return 1;
+  char spath[4200];
+  mg_status_path(path, spath, sizeof spath);
+  const mg_status_t *st = mg_status_open(spath);
+  if (!st) {
+    fprintf(stderr, "moongate: cannot read status file %s: %s\n", spath, strerror(errno));
     return 1;
   }
+  uint64_t before = mg_status_load((uint64_t *)&st->reloads);
+  int rc = 1;
+  if (kill(pid, SIGHUP) != 0) {
+    fprintf(stderr, "moongate: cannot signal pid %d: %s\n", pid, strerror(errno));
+    goto out;
+  }
+  int waited = 0;
+  while (mg_status_load((uint64_t *)&st->reloads) == before && waited < 30000) {
+    usleep(1000);
+    waited++;
+  }
+  if (mg_status_load((uint64_t *)&st->reloads) == before) {
+    fprintf(stderr, "moongate: the master (pid %d) did not answer the reload\n", pid);
+    goto out;
+  }
+  if (!st->last_ok) {
+    fprintf(stderr, "moongate: reload failed; the running configuration stays:\n%s\n",
+            st->last_error);
+    goto out;
+  }
+  uint64_t gen = mg_status_load((uint64_t *)&st->generation);
+  for (; waited < 30000; waited++) {
+    int pending = 0, failed = 0;
+    for (int i = 0; i < st->nworkers && i < MG_STATUS_MAX_WORKERS; i++) {
+      const mg_status_worker_t *w = &st->workers[i];
+      if (mg_status_load((uint64_t *)&w->failed_generation) == gen) failed = 1;
+      else if (mg_status_load((uint64_t *)&w->generation) < gen) pending = 1;
+    }
+    if (failed) {
+      for (int i = 0; i < st->nworkers && i < MG_STATUS_MAX_WORKERS; i++)
+        if (mg_status_load((uint64_t *)&st->workers[i].failed_generation) == gen)
+          fprintf(stderr, "moongate: worker %d could not load generation %llu: %s\n", i,
+                  (unsigned long long)gen, st->workers[i].error);
+      goto out;
+    }
+    if (!pending) {
+      printf("moongate: reloaded %s: generation %llu\n", cfg->file, (unsigned long long)gen);
+      rc = 0;
+      goto out;
+    }
+    usleep(1000);
+  }
+  fprintf(stderr, "moongate: the workers did not switch to generation %llu in time\n",
+          (unsigned long long)gen);
+out:
+  mg_status_close(st);
+  return rc;
+}
+
+static int cmd_stop(mg_config_t *cfg) {
+  const char *path = cfg->pid_file ? cfg->pid_file : "/tmp/moongate.pid";
+  int pid = read_pid(path);
+  if (pid < 0) return 1;
   if (kill(pid, SIGTERM) != 0) {
     fprintf(stderr, "moongate: cannot signal pid %d: %s\n", pid, strerror(errno));
     return 1;
@@ -68,6 +140,7 @@ int main(int argc, char **argv) {
   const char *file = DEFAULT_CONFIG;
   const char *cmd = "run";
   int workers = 0;
+  int watch = 0;
   int i = 1;
   if (i < argc && argv[i][0] != '-') cmd = argv[i++];
   for (; i < argc; i++) {
@@ -82,6 +155,8 @@ int main(int argc, char **argv) {
         return 1;
       }
       workers = (int)n;
+    } else if (strcmp(a, "--watch") == 0) {
+      watch = 1;
     } else if (strcmp(a, "--foreground") == 0) {
       /* The default: moongate never detaches; use a service manager to run it. */
     } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
@@ -97,7 +172,8 @@ int main(int argc, char **argv) {
     printf("moongate %s\n", MOONGATE_VERSION);
     return 0;
   }
-  if (strcmp(cmd, "run") != 0 && strcmp(cmd, "check") != 0 && strcmp(cmd, "stop") != 0) {
+  if (strcmp(cmd, "run") != 0 && strcmp(cmd, "check") != 0 && strcmp(cmd, "stop") != 0 &&
+      strcmp(cmd, "reload") != 0) {
     fprintf(stderr, "moongate: unknown command %s\n", cmd);
     usage(stderr);
     return 1;
@@ -111,6 +187,8 @@ int main(int argc, char **argv) {
     rc = 0;
   } else if (strcmp(cmd, "stop") == 0) {
     rc = cmd_stop(&cfg);
+  } else if (strcmp(cmd, "reload") == 0) {
+    rc = cmd_reload(&cfg);
   } else {
     int lrc = mg_log_open(cfg.error_log, cfg.log_level);
     if (lrc < 0) {
@@ -119,7 +197,7 @@ int main(int argc, char **argv) {
       mg_config_free(&cfg);
       return 1;
     }
-    rc = mg_master_run(&cfg, workers);
+    rc = mg_master_run(&cfg, workers, watch);
   }
   mg_config_free(&cfg);
   return rc;

@@ -408,7 +408,20 @@ static int read_config(lua_State *L)
   push_field(L, t, "lua", LUA_TTABLE, 0);
   cfg->lua_memory = get_size(L, lua_gettop(L), "memory");
   cfg->lua_budget = get_num(L, lua_gettop(L), "budget");
-  lua_pop(L, 1);
+  static const struct { const char *name; unsigned bit; } allow[] = {
+    {"os", MG_LUA_ALLOW_OS}, {"io", MG_LUA_ALLOW_IO}, {"debug", MG_LUA_ALLOW_DEBUG},
+    {"ffi", MG_LUA_ALLOW_FFI}, {"string.dump", MG_LUA_ALLOW_DUMP},
+    {"bytecode", MG_LUA_ALLOW_BYTECODE}};
+  lua_getfield(L, -1, "allow");
+  for (int i = 1; lua_istable(L, -1); i++) {
+    lua_rawgeti(L, -1, i);
+    const char *name = lua_tostring(L, -1);
+    lua_pop(L, 1);
+    if (!name) break;
+    for (size_t k = 0; k < sizeof allow / sizeof allow[0]; k++)
+      if (strcmp(name, allow[k].name) == 0) cfg->lua_allow |= allow[k].bit;
+  }
+  lua_pop(L, 2);
 
   get_strv(L, t, "files", &cfg->files, &cfg->nfiles);
 

@@ -126,6 +126,7 @@ typedef struct mg_config {
   int has_request_hooks;      /* global `request` hooks exist */
   size_t lua_memory;          /* bytes a worker's Lua VM may allocate, default 128 MiB */
   double lua_budget;          /* seconds a hook may run between two waits, default 0.1 */
+  unsigned lua_allow;         /* MG_LUA_ALLOW_* bits (mg_lua_vm.h) the config opened */
   char **files;               /* every file the config loaded (itself first), absolute */
   size_t nfiles;
 } mg_config_t;

@@ -73,3 +73,35 @@ mg_upstream_t *mg_gen_upstream(mg_gen_t *g, const char *name) {
     if (strcmp(g->upstreams[i].conf->name, name) == 0) return &g->upstreams[i];
   return NULL;
 }
+
+mg_target_t *mg_gen_same_target(mg_gen_t *g, const mg_target_t *t) {
+  mg_upstream_t *u = mg_gen_upstream(g, t->up->conf->name);
+  if (!u) return NULL;
+  for (size_t i = 0; i < u->ntargets; i++)
+    if (u->targets[i].conf->port == t->conf->port && strcmp(u->targets[i].conf->host, t->conf->host) == 0)
+      return &u->targets[i];
+  return NULL;
+}
+
+void mg_gen_adopt(mg_gen_t *g, mg_gen_t *old) {
+  for (size_t i = 0; i < old->nupstreams; i++) {
+    mg_upstream_t *u = &old->upstreams[i];
+    for (size_t j = 0; j < u->ntargets; j++) {
+      mg_target_t *from = &u->targets[j];
+      mg_target_t *to = from->idle ? mg_gen_same_target(g, from) : NULL;
+      if (!to) continue;
+      while (from->idle) {                   /* unlink from the old pool, link into the new */
+        mg_upconn_t *c = from->idle;
+        from->idle = c->next;
+        if (from->idle) from->idle->prev = NULL;
+        from->nidle--;
+        c->target = to;
+        c->prev = NULL;
+        c->next = to->idle;
+        if (to->idle) to->idle->prev = c;
+        to->idle = c;
+        to->nidle++;
+      }
+    }
+  }
+}

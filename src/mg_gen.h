@@ -36,6 +36,16 @@ struct mg_gen {
 mg_gen_t *mg_gen_new(struct mg_worker *w, mg_config_t *cfg, uint64_t id, char *err,
                      size_t errlen);
 
+struct mg_target;
+
+/* The target of G that stands for T of another generation (same upstream name, same host
+ * and port), or NULL. */
+struct mg_target *mg_gen_same_target(mg_gen_t *g, const struct mg_target *t);
+
+/* Moves OLD's idle keep-alive connections into the matching targets of G (a reload keeps
+ * the upstream pools). */
+void mg_gen_adopt(mg_gen_t *g, mg_gen_t *old);
+
 /* Frees G at once (mg_gen_release does this when the last reference goes). */
 void mg_gen_free(mg_gen_t *g);
 

@@ -32,6 +32,8 @@ struct mg_lua_vm_s {
   int env_mt_ref;     /* {__index = base, __metatable = false} */
   int mg_ref;         /* the `mg` table */
   int trusted_ref;    /* the full globals (debug, os, real load): for moongate's own Lua */
+  int dump_ref;       /* string.dump, kept out of the sandbox unless allowed */
+  unsigned allowed;   /* MG_LUA_ALLOW_* the config opened */
 };
 
 enum { RUN_NEW, RUN_YIELDED, RUN_DONE, RUN_FAILED };
@@ -176,12 +178,13 @@ static mg_lua_vm_t *vm_of(lua_State *L) {
 /* Compiles source text and gives it the environment of the Lua function that called load
  * (a fresh chunk environment when the caller is C, e.g. pcall(load, s)), never the base. */
 static int load_text(lua_State *L, const char *s, size_t len, const char *name) {
-  if (len > 0 && s[0] == '\033') {
+  if (len > 0 && s[0] == '\033' && !(vm_of(L)->allowed & MG_LUA_ALLOW_BYTECODE)) {
     lua_pushnil(L);
     lua_pushliteral(L, "bytecode chunks are not allowed in the sandbox");
     return 2;
   }
-  if (luaL_loadbufferx(L, s, len, name, "t") != 0) {
+  if (luaL_loadbufferx(L, s, len, name,
+                       vm_of(L)->allowed & MG_LUA_ALLOW_BYTECODE ? "bt" : "t") != 0) {
     lua_pushnil(L);
     lua_insert(L, -2);
     return 2;
@@ -250,6 +253,8 @@ static int setup_cb(lua_State *L) {
   open_lib(L, luaopen_debug, LUA_DBLIBNAME);
 
   lua_getglobal(L, LUA_STRLIBNAME); /* the string metatable's __index: drop dump there */
+  lua_getfield(L, -1, "dump");
+  vm->dump_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   lua_pushnil(L);
   lua_setfield(L, -2, "dump");
   lua_pop(L, 1);
@@ -639,4 +644,49 @@ int mg_lua_vm_load_trusted(mg_lua_vm_t *vm, const char *chunkname, const char *c
 void mg_lua_vm_push_ref(mg_lua_vm_t *vm, lua_State *L, int ref) {
   (void)vm;
   lua_rawgeti(L, LUA_REGISTRYINDEX, ref); /* every thread of the state shares the registry */
+}
+
+/* ---- opening the sandbox (lua { allow = ... }) ------------------------------------------ */
+
+static int allow_cb(lua_State *L) {
+  mg_lua_vm_t *vm = lua_touserdata(L, 1);
+  unsigned what = vm->allowed;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, vm->base_ref);
+  int base = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, vm->trusted_ref);
+  int trusted = lua_gettop(L);
+  if (what & MG_LUA_ALLOW_OS) {
+    lua_getfield(L, trusted, LUA_OSLIBNAME);
+    lua_setfield(L, base, LUA_OSLIBNAME);
+  }
+  if (what & MG_LUA_ALLOW_IO) {
+    open_lib(L, luaopen_io, LUA_IOLIBNAME);
+    lua_getfield(L, LUA_GLOBALSINDEX, LUA_IOLIBNAME);
+    lua_setfield(L, base, LUA_IOLIBNAME);
+  }
+  if (what & MG_LUA_ALLOW_DEBUG) {
+    lua_getfield(L, trusted, LUA_DBLIBNAME);
+    lua_setfield(L, base, LUA_DBLIBNAME);
+  }
+  if (what & MG_LUA_ALLOW_FFI) {
+    open_lib(L, luaopen_ffi, LUA_FFILIBNAME);
+    lua_getfield(L, LUA_GLOBALSINDEX, LUA_FFILIBNAME);
+    lua_setfield(L, base, LUA_FFILIBNAME);
+  }
+  if (what & MG_LUA_ALLOW_DUMP) {
+    lua_getfield(L, base, LUA_STRLIBNAME);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, vm->dump_ref);
+    lua_setfield(L, -2, "dump");
+    lua_pop(L, 1);
+  }
+  return 0;
+}
+
+int mg_lua_vm_allow(mg_lua_vm_t *vm, unsigned what) {
+  vm->allowed |= what;
+  if (lua_cpcall(vm->L, allow_cb, vm) != 0) {
+    lua_pop(vm->L, 1);
+    return -1;
+  }
+  return 0;
 }

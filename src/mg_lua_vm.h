@@ -110,6 +110,19 @@ void mg_lua_vm_push_ref(mg_lua_vm_t *vm, lua_State *L, int ref);
  * coroutine.resume/wrap pass a yield of this value up to the enclosing coroutine. */
 void mg_lua_vm_push_io_marker(lua_State *L);
 
+/* What a config may open in the sandbox (lua { allow = { ... } }). */
+enum {
+  MG_LUA_ALLOW_OS = 1 << 0,       /* the whole os library (execute, exit, remove, ...) */
+  MG_LUA_ALLOW_IO = 1 << 1,       /* the io library (blocking file I/O!) */
+  MG_LUA_ALLOW_DEBUG = 1 << 2,    /* debug (can escape the sandbox and the budget) */
+  MG_LUA_ALLOW_FFI = 1 << 3,      /* ffi (C calls: no budget, no memory cap) */
+  MG_LUA_ALLOW_DUMP = 1 << 4,     /* string.dump */
+  MG_LUA_ALLOW_BYTECODE = 1 << 5  /* load() of precompiled chunks */
+};
+
+/* Opens what WHAT names (MG_LUA_ALLOW_* bits) to every user chunk. Returns 0 or -1. */
+int mg_lua_vm_allow(mg_lua_vm_t *vm, unsigned what);
+
 /* Releases a reference returned by mg_lua_vm_load. */
 void mg_lua_vm_unref(mg_lua_vm_t *vm, int ref);
 

@@ -10,13 +10,16 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <uv.h>
 
+#include "mg_http.h"
 #include "mg_log.h"
 #include "mg_master.h"
 #include "mg_shdict.h"
+#include "mg_status.h"
 #include "mg_worker.h"
 
 typedef struct slot {
@@ -35,6 +38,13 @@ typedef struct master {
   int stopping;
   uv_signal_t sig_term, sig_int, sig_quit, sig_chld, sig_hup;
   uv_timer_t respawn_timer, kill_timer;
+  mg_status_t *status;            /* the status page (mg_status.h) */
+  int nworkers_conf;              /* gateway.workers as configured (a reload may not change it) */
+  /* --watch: a file-system watch per directory of the config's files */
+  int watch;
+  uv_fs_event_t **watches;        /* each malloc'd, freed when closed */
+  size_t nwatches;
+  uv_timer_t watch_timer;         /* changes come in bursts: reload once they settle */
 } master_t;
 
 /* Binds HOST:PORT; REUSEPORT lets the worker slots share it. Returns the fd or -errno. */
@@ -134,7 +144,7 @@ static void spawn(master_t *m, int s) {
     for (int o = 0; o < m->nslots; o++)
       if (o != s)
         for (size_t i = 0; i < m->cfg->nlistens; i++) close(m->slots[o].fds[i]);
-    int rc = mg_worker_run(m->cfg, slot->fds, m->dicts, m->cfg->nshared);
+    int rc = mg_worker_run(m->cfg, slot->fds, m->dicts, m->cfg->nshared, s);
     mg_config_free(m->cfg);
     free(slot->fds);
     for (int o = 0; o < m->nslots; o++)
@@ -144,6 +154,7 @@ static void spawn(master_t *m, int s) {
   }
   slot->pid = pid;
   slot->started_ms = uv_now(&m->loop);
+  if (m->status && s < MG_STATUS_MAX_WORKERS) m->status->workers[s].pid = pid;
   mg_log_info("worker %d started (pid %d)", s, (int)pid);
 }
 
@@ -214,8 +225,141 @@ static void on_stop_signal(uv_signal_t *h, int signum) {
   maybe_finish(m);
 }
 
+/* ------------------------------------------------------------------------------------------
+ * Reload.
+ * ---------------------------------------------------------------------------------------- */
+
+static int same_str(const char *a, const char *b) {
+  return (a == NULL && b == NULL) || (a && b && strcmp(a, b) == 0);
+}
+
+/* What a reload cannot change (the sockets, the shared memory and the workers were made at
+ * start). Returns NULL when NEXT is fine, else the reason. */
+static const char *not_reloadable(const master_t *m, const mg_config_t *next) {
+  const mg_config_t *cur = m->cfg;
+  if (cur->nlistens != next->nlistens) return "the listeners changed (restart to apply)";
+  for (size_t i = 0; i < cur->nlistens; i++) {
+    const mg_listen_conf_t *a = &cur->listens[i], *b = &next->listens[i];
+    if (!same_str(a->name, b->name) || !same_str(a->host, b->host) || a->port != b->port ||
+        a->admin != b->admin)
+      return a->admin || b->admin ? "the admin listener changed (restart to apply)"
+                                  : "the listeners changed (restart to apply)";
+  }
+  if (cur->nshared != next->nshared) return "the shared dictionaries changed (restart to apply)";
+  for (size_t i = 0; i < cur->nshared; i++)
+    if (strcmp(cur->shared[i].name, next->shared[i].name) != 0 ||
+        cur->shared[i].size != next->shared[i].size)
+      return "the shared dictionaries changed (restart to apply)";
+  if (next->workers != m->nworkers_conf) return "gateway.workers changed (restart to apply)";
+  if (next->lua_memory != cur->lua_memory) return "lua.memory changed (restart to apply)";
+  if (next->lua_allow != cur->lua_allow) return "lua.allow changed (restart to apply)";
+  if (!same_str(cur->admin_token, next->admin_token))
+    return "the admin token changed (restart to apply)";
+  return NULL;
+}
+
+static void watch_files(master_t *m, const mg_config_t *cfg);
+
+static void reload_failed(master_t *m, const char *why) {
+  mg_status_t *st = m->status;
+  mg_log_error("reload failed; the running configuration stays: %s", why);
+  if (!st) return;
+  snprintf(st->last_error, sizeof st->last_error, "%s", why);
+  size_t n = strlen(st->last_error);
+  while (n && st->last_error[n - 1] == '\n') st->last_error[--n] = '\0';
+  st->last_ok = 0;
+  st->last_time = mg_http_wall_time();
+  mg_status_store(&st->reload_failures, mg_status_load(&st->reload_failures) + 1);
+  mg_status_store(&st->reloads, mg_status_load(&st->reloads) + 1);
+}
+
+/* Checks the config file again and, when it is good, tells the workers to switch. */
+static void master_reload(master_t *m, const char *why) {
+  if (m->stopping) return;
+  uint64_t t0 = uv_hrtime();
+  mg_config_t next;
+  char *errors = NULL;
+  if (mg_config_load(m->cfg->file, &next, &errors) != 0) {
+    reload_failed(m, errors ? errors : "out of memory");
+    free(errors);
+    return;
+  }
+  const char *bad = not_reloadable(m, &next);
+  if (bad) {
+    reload_failed(m, bad);
+    mg_config_free(&next);
+    return;
+  }
+  if (m->watch) watch_files(m, &next);
+  mg_config_free(&next);
+  mg_status_t *st = m->status;
+  uint64_t gen = mg_status_load(&st->generation) + 1;
+  st->last_error[0] = '\0';
+  st->last_ok = 1;
+  st->last_time = mg_http_wall_time();
+  mg_status_store(&st->generation, gen);
+  mg_status_store(&st->reloads, mg_status_load(&st->reloads) + 1);
+  for (int s = 0; s < m->nslots; s++)
+    if (m->slots[s].pid > 0) kill(m->slots[s].pid, SIGHUP);
+  mg_log_info("%s: generation %llu checked in %.1f ms; workers are switching", why,
+              (unsigned long long)gen, (double)(uv_hrtime() - t0) / 1e6);
+}
+
 static void on_sighup(uv_signal_t *h, int signum) {
-  mg_log_warn("SIGHUP: live reload arrives with the Lua hooks; restart to load a new config");
+  master_reload(h->data, "SIGHUP");
+}
+
+/* --watch */
+static void on_watch_timer(uv_timer_t *t) { master_reload(t->data, "file change"); }
+
+static void on_watch_event(uv_fs_event_t *h, const char *name, int events, int status) {
+  master_t *m = h->data;
+  if (status < 0 || m->stopping) return;
+  if (name && (name[0] == '.' || name[strlen(name) - 1] == '~')) return;  /* editor files */
+  uv_timer_start(&m->watch_timer, on_watch_timer, 100, 0);
+}
+
+static void on_watch_closed(uv_handle_t *h) { free(h); }
+
+static void unwatch(master_t *m) {
+  for (size_t i = 0; i < m->nwatches; i++) uv_close((uv_handle_t *)m->watches[i], on_watch_closed);
+  free(m->watches);
+  m->watches = NULL;
+  m->nwatches = 0;
+}
+
+/* Watches the directory of every file the config loaded (the config's own first). */
+static void watch_files(master_t *m, const mg_config_t *cfg) {
+  unwatch(m);
+  uv_fs_event_t **list = calloc(cfg->nfiles ? cfg->nfiles : 1, sizeof *list);
+  if (!list) return;
+  size_t n = 0;
+  for (size_t i = 0; i < cfg->nfiles; i++) {
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s", cfg->files[i]);
+    char *slash = strrchr(dir, '/');
+    if (!slash) continue;
+    *slash = '\0';
+    int seen = 0;
+    for (size_t j = 0; j < n && !seen; j++) {
+      char other[4096];
+      size_t len = sizeof other;
+      if (uv_fs_event_getpath(list[j], other, &len) == 0 && strcmp(other, dir) == 0) seen = 1;
+    }
+    if (seen) continue;
+    uv_fs_event_t *h = malloc(sizeof *h);
+    if (!h) break;
+    uv_fs_event_init(&m->loop, h);
+    h->data = m;
+    if (uv_fs_event_start(h, on_watch_event, dir, 0) != 0) {
+      mg_log_warn("--watch: cannot watch %s", dir);
+      uv_close((uv_handle_t *)h, on_watch_closed);
+      continue;
+    }
+    list[n++] = h;
+  }
+  m->watches = list;
+  m->nwatches = n;
 }
 
 static int write_pid_file(const char *path) {
@@ -243,11 +387,13 @@ static void raise_fd_limit(const mg_config_t *cfg) {
                 cfg->limits.max_connections);
 }
 
-int mg_master_run(mg_config_t *cfg, int nworkers) {
+int mg_master_run(mg_config_t *cfg, int nworkers, int watch) {
   master_t m;
   memset(&m, 0, sizeof m);
   the_master = &m;
   m.cfg = cfg;
+  m.watch = watch;
+  m.nworkers_conf = cfg->workers;
   if (nworkers <= 0) nworkers = cfg->workers;
   if (nworkers <= 0) {
     long n = sysconf(_SC_NPROCESSORS_ONLN);
@@ -276,6 +422,20 @@ int mg_master_run(mg_config_t *cfg, int nworkers) {
     rc = 1;
     goto out;
   }
+  char status_path[4200];
+  mg_status_path(cfg->pid_file, status_path, sizeof status_path);
+  m.status = mg_status_create(status_path);
+  if (!m.status) {
+    fprintf(stderr, "moongate: cannot create status file %s: %s\n", status_path, strerror(errno));
+    rc = 1;
+    goto out;
+  }
+  m.status->master_pid = getpid();
+  m.status->started = mg_http_wall_time();
+  m.status->nworkers = nworkers;
+  m.status->generation = 1;
+  m.status->last_ok = 1;
+  mg_worker_set_status(m.status);
   signal(SIGPIPE, SIG_IGN);
   uv_loop_init(&m.loop);
   m.loop.data = &m;
@@ -291,7 +451,9 @@ int mg_master_run(mg_config_t *cfg, int nworkers) {
   uv_signal_start(&m.sig_hup, on_sighup, SIGHUP);
   uv_timer_init(&m.loop, &m.respawn_timer);
   uv_timer_init(&m.loop, &m.kill_timer);
-  m.respawn_timer.data = m.kill_timer.data = &m;
+  uv_timer_init(&m.loop, &m.watch_timer);
+  m.respawn_timer.data = m.kill_timer.data = m.watch_timer.data = &m;
+  if (watch) watch_files(&m, cfg);
 
   for (size_t i = 0; i < cfg->nlistens; i++)
     mg_log_info("listening on %s:%d%s%s", cfg->listens[i].host ? cfg->listens[i].host : "0.0.0.0",
@@ -306,12 +468,16 @@ int mg_master_run(mg_config_t *cfg, int nworkers) {
   for (size_t i = 0; i < 5; i++) uv_close((uv_handle_t *)sigs[i], NULL);
   uv_close((uv_handle_t *)&m.respawn_timer, NULL);
   uv_close((uv_handle_t *)&m.kill_timer, NULL);
+  uv_close((uv_handle_t *)&m.watch_timer, NULL);
+  unwatch(&m);
   uv_run(&m.loop, UV_RUN_DEFAULT);
   uv_loop_close(&m.loop);
   if (cfg->pid_file) unlink(cfg->pid_file);
+  unlink(status_path);
   mg_log_info("moongate stopped");
   rc = 0;
 out:
+  if (m.status) munmap(m.status, sizeof *m.status);
   close_listeners(&m);
   for (int s = 0; s < nworkers; s++) free(m.slots[s].fds);
   free(m.slots);

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mg_admin.h"
 #include "mg_hooks.h"
 #include "mg_log.h"
 #include "mg_proxy.h"
@@ -234,6 +235,11 @@ static void request_run(mg_request_t *req) {
   for (;;) {
     switch (req->phase) {
       case MG_PHASE_REQUEST:
+        if (req->listener->conf->admin) {    /* the admin API: no routes, no hooks */
+          req->phase = MG_PHASE_RESPONSE;
+          mg_admin_handle(req);
+          return;
+        }
         /* Global `request` hooks (they may change the path), then the route is picked. */
         if (req->gen->cfg.has_request_hooks && !req->request_hooks_ran) {
           req->request_hooks_ran = 1;

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mg_gen.h"
 #include "mg_log.h"
 #include "mg_upstream.h"
 #include "mg_worker.h"
@@ -252,6 +253,16 @@ mg_upconn_t *mg_pool_acquire(mg_target_t *t) {
 
 void mg_pool_release(mg_upconn_t *c) {
   mg_target_t *t = c->target;
+  if (t->up->gen && c->w->gen && t->up->gen != c->w->gen) {
+    /* A reload replaced this connection's generation while it was busy: it joins the same
+     * target's pool in the current one, or closes when that target is gone. */
+    mg_target_t *now = mg_gen_same_target(c->w->gen, t);
+    if (!now) {
+      mg_upconn_close(c);
+      return;
+    }
+    c->target = t = now;
+  }
   const mg_upstream_conf_t *uc = t->up->conf;
   c->requests++;
   c->data = NULL;

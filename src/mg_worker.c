@@ -11,10 +11,13 @@
 
 #include "mg_hooks.h"
 #include "mg_log.h"
+#include "mg_fetch.h"
 #include "mg_lua_aggregate.h"
+#include "mg_lua_fetch.h"
 #include "mg_lua_shared.h"
 #include "mg_lua_time.h"
 #include "mg_shdict.h"
+#include "mg_status.h"
 #include "mg_proxy.h"
 #include "mg_request.h"
 #include "mg_upstream.h"
@@ -55,10 +58,54 @@ static void worker_stop(mg_worker_t *w) {
   uv_timer_start(&w->drain_timer, on_drain_timeout, drain ? drain : 1, 0);
 }
 
+static mg_status_t *the_status;
+
+void mg_worker_set_status(mg_status_t *st) { the_status = st; }
+
+mg_status_t *mg_worker_status(void) { return the_status; }
+
+static mg_status_worker_t *my_status(mg_worker_t *w) {
+  if (!the_status || w->slot < 0 || w->slot >= MG_STATUS_MAX_WORKERS) return NULL;
+  return &the_status->workers[w->slot];
+}
+
+/* The master announced a new generation: build it in this VM and switch. Requests in flight
+ * keep the generation they hold; the old one is freed when the last of them ends. */
+static void worker_reload(mg_worker_t *w) {
+  if (!the_status || w->stopping) return;
+  uint64_t id = mg_status_load(&the_status->generation);
+  if (id <= w->gen->id) return;
+  uint64_t t0 = uv_hrtime();
+  char *errors = NULL;
+  mg_gen_t *g = mg_worker_load_gen(w, id, &errors);
+  mg_status_worker_t *me = my_status(w);
+  if (!g) {
+    mg_log_error("reload: generation %llu could not be loaded; generation %llu keeps serving: %s",
+                 (unsigned long long)id, (unsigned long long)w->gen->id,
+                 errors ? errors : "out of memory");
+    if (me) {
+      snprintf(me->error, sizeof me->error, "%s", errors ? errors : "out of memory");
+      mg_status_store(&me->failed_generation, id);
+    }
+    free(errors);
+    return;
+  }
+  mg_gen_adopt(g, w->gen);
+  mg_gen_t *old = w->gen;
+  w->gen = g;
+  mg_gen_release(old);
+  if (me) {
+    me->error[0] = '\0';
+    mg_status_store(&me->generation, id);
+  }
+  mg_log_info("reload: now serving generation %llu (built in %.1f ms)", (unsigned long long)id,
+              (double)(uv_hrtime() - t0) / 1e6);
+}
+
 static void on_signal(uv_signal_t *s, int signum) {
   mg_worker_t *w = s->data;
   if (signum == SIGHUP) {
-    mg_log_info("SIGHUP: configuration reload is handled by the master");
+    worker_reload(w);
     return;
   }
   worker_stop(w);
@@ -89,18 +136,20 @@ mg_gen_t *mg_worker_load_gen(mg_worker_t *w, uint64_t id, char **errors) {
 static int worker_first_gen(mg_worker_t *w) {
   char err[256] = "";
   w->vm = mg_lua_vm_new(w->cfg->lua_memory, err, sizeof err);
-  if (!w->vm || mg_hooks_vm_init(w->vm, err, sizeof err) != 0) {
+  if (!w->vm || mg_hooks_vm_init(w->vm, err, sizeof err) != 0 ||
+      (w->cfg->lua_allow && mg_lua_vm_allow(w->vm, w->cfg->lua_allow) != 0)) {
     mg_log_error("worker: cannot set up Lua: %s", err);
     return -1;
   }
   if (mg_lua_time_register(w->vm) != 0 ||
       mg_lua_shared_register(w->vm, (mg_shdict_t *const *)w->dicts, w->ndicts) != 0 ||
-      mg_lua_aggregate_register(w->vm) != 0) {
+      mg_lua_aggregate_register(w->vm) != 0 || mg_lua_fetch_register(w->vm) != 0) {
     mg_log_error("worker: cannot set up the mg API");
     return -1;
   }
   char *errors = NULL;
-  w->gen = mg_worker_load_gen(w, 1, &errors);
+  uint64_t id = the_status ? mg_status_load(&the_status->generation) : 1;
+  w->gen = mg_worker_load_gen(w, id ? id : 1, &errors);
   if (!w->gen) {
     mg_log_error("worker: cannot load %s: %s", w->cfg->file, errors ? errors : "out of memory");
     free(errors);
@@ -114,9 +163,10 @@ static void close_any(uv_handle_t *h, void *arg) {
 }
 
 int mg_worker_run(const mg_config_t *cfg, const int *fds, struct mg_shdict *const *dicts,
-                  size_t ndicts) {
+                  size_t ndicts, int slot) {
   mg_worker_t *w = calloc(1, sizeof *w);
   if (!w) return 1;
+  w->slot = slot;
   w->dicts = dicts;
   w->ndicts = ndicts;
   signal(SIGPIPE, SIG_IGN);
@@ -161,6 +211,11 @@ int mg_worker_run(const mg_config_t *cfg, const int *fds, struct mg_shdict *cons
     }
   }
   if (worker_first_gen(w) != 0) return 1;
+  mg_status_worker_t *me = my_status(w);
+  if (me) {
+    me->pid = getpid();
+    mg_status_store(&me->generation, w->gen->id);
+  }
   uv_signal_init(&w->loop, &w->sig_term);
   uv_signal_init(&w->loop, &w->sig_int);
   uv_signal_init(&w->loop, &w->sig_hup);
@@ -174,6 +229,7 @@ int mg_worker_run(const mg_config_t *cfg, const int *fds, struct mg_shdict *cons
   /* Drained (or out of time): cut what is still open and free it. */
   while (w->conns) mg_conn_abort(w->conns);
   mg_lua_timers_cancel_all();
+  mg_fetch_cache_free(w);
   mg_access_log_close();
   mg_gen_t *gen = w->gen;
   w->gen = NULL;

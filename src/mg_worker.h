@@ -36,6 +36,7 @@ typedef struct mg_worker {
   mg_lua_vm_t *vm;              /* the worker's Lua VM (every generation's scripts live here) */
   struct mg_shdict *const *dicts; /* mg.shared: made by the master before fork */
   size_t ndicts;
+  int slot;                     /* the master's worker slot (its line on the status page) */
   mg_listener_t *listeners;
   size_t nlisteners;
   mg_resolver_t *resolver;
@@ -61,7 +62,12 @@ typedef struct mg_worker {
  * shared dictionaries DICTS until it has drained after SIGTERM/SIGINT. Returns the process
  * exit code. */
 int mg_worker_run(const mg_config_t *cfg, const int *fds, struct mg_shdict *const *dicts,
-                  size_t ndicts);
+                  size_t ndicts, int slot);
+
+struct mg_status;
+/* The status page the workers report to (set by the master before forking; NULL in tests). */
+void mg_worker_set_status(struct mg_status *st);
+struct mg_status *mg_worker_status(void);
 
 
 /* Evaluates the config file in W's VM and builds generation ID from it. Returns NULL with

@@ -757,9 +757,24 @@ local ADMIN = {
   { "token", text },
 }
 
+local ALLOWABLE = { "os", "io", "debug", "ffi", "string.dump", "bytecode" }
+
+local function allow_list(v)
+  if type(v) ~= "table" then return nil, 'must be a list like { "os" }' end
+  local known = {}
+  for _, n in ipairs(ALLOWABLE) do known[n] = true end
+  for k, x in pairs(v) do
+    if type(k) ~= "number" or not known[x] then
+      return nil, "may only name " .. concat(ALLOWABLE, ", ")
+    end
+  end
+  return v
+end
+
 local LUA = {
   { "memory", size(4 * 1024 * 1024), default = 128 * 1024 * 1024 },
   { "budget", duration(true), default = 0.1 },
+  { "allow", allow_list, default = {} },
 }
 
 local GLOBAL_HOOKS = { { "request" }, { "access" }, { "response" }, { "log" } }
