@@ -499,8 +499,8 @@ proxy_error() {
   } | head -n 1 | sed "s|$TMP/||g" | cut -c1-240
 }
 
-# check_apikey PORT -> true when a known key gets 200 with the 1 KiB body and no key or an
-# unknown key gets 401 with a JSON body; otherwise sets CHECK_WHY.
+# check_apikey PORT -> true when a known key gets 200 with the 1 KiB body, no key or an unknown
+# key gets 401 with a JSON body, and the known key's counter is 1; otherwise sets CHECK_WHY.
 check_apikey() {
   local port=$1 r h
   r=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' --max-time 5 \
@@ -518,6 +518,13 @@ check_apikey() {
     CHECK_WHY="GET /a ${h:-without a key} answered '$r' '$(head -c 80 "$TMP/probe")' (want 401 JSON)"
     return 1
   done
+  # The one good request above was counted: GET /count shows the key's counter.
+  r=$(curl -s --max-time 5 -H "X-Api-Key: $FIRST_KEY" "http://127.0.0.1:$port/count")
+  if ! printf '%s' "$r" | $PY -c 'import json, sys; sys.exit(json.load(sys.stdin).get("n") != 1)' \
+       2>/dev/null; then
+    CHECK_WHY="after one GET /a with a key, GET /count answered '$(printf '%s' "$r" | head -c 80)' (want {\"n\":1})"
+    return 1
+  fi
   return 0
 }
 

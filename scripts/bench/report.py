@@ -251,7 +251,8 @@ def render_lua(w, d, meta, runs, clk, notes):
     w("")
     w("nginx + Lua = nginx with Debian's lua-nginx-module (OpenResty's `ngx_lua`; %s), one "
       "worker on CPU 0 like moongate (`-w 1`), doing the same work in `access_by_lua` / "
-      "`content_by_lua` (configs: scripts/bench/moongate-lua.lua and nginx-lua.conf). Same wrk "
+      "`content_by_lua`, both with 256 idle keep-alive connections to the origin (configs: "
+      "scripts/bench/moongate-lua.lua and nginx-lua.conf). Same wrk "
       "runs, interleaved rounds, medians and CPU accounting as above. Ratio = moongate / "
       "nginx + Lua: above 1 is better for req/s, below 1 is better for latency and CPU."
       % meta.get("lua_versions", "?"))
