@@ -326,7 +326,7 @@ def render_reload(w, d, meta, notes):
         if not mine:
             w("| %s | | 0 | no result | | |" % label)
             continue
-        method = next((r[2] for r in mine if r[1] == "method" and len(r) >= 3), "?")
+        method = next((r[2] for r in mine if r[1] == "method" and len(r) >= 3), "—")
         fail = next((r[2] for r in mine if r[1] == "fail" and len(r) >= 3), None)
         ms = [float(r[3]) for r in mine if r[1] == "round" and len(r) >= 6]
         bad_rc = [r for r in mine if r[1] == "round" and len(r) >= 6 and r[4] not in ("0", "-")]
@@ -337,7 +337,10 @@ def render_reload(w, d, meta, notes):
         if fail and ms:
             notes.append("reload, %s: after %d good reloads, %s." % (t, len(ms), fail))
         if not ms:
-            w("| %s | %s | 0 | not available: %s | | |" % (label, method, fail or "no result"))
+            fail = fail or "no result"
+            if not fail.startswith("not available"):
+                fail = "not available: " + fail
+            w("| %s | %s | 0 | %s | | |" % (label, method, fail))
             continue
         m = statistics.median(ms)
         verdict = "—"
