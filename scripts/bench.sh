@@ -7,6 +7,17 @@
 # `wrk -t1 -c50 --latency`; the proxy's CPU time per request comes from /proc/PID/stat of all
 # its processes. Then RSS per client connection for nginx and moongate: 1,000 active keep-alive
 # connections (wrk -c1000) and 10,000 idle ones (scripts/bench/idle_clients.py).
+# Then moongate against nginx + lua-nginx-module (Debian's libnginx-mod-http-lua) doing the same
+# Lua work, interleaved the same way, one worker each on CPU 0:
+#   apikey: GET /a, an access hook checks X-Api-Key among 100 keys (401 JSON otherwise), counts
+#           the request per key in a shared dictionary, proxies to the origin (1 KiB); wrk cycles
+#           through the keys (scripts/bench/wrk-apikey.lua).
+#   agg:    GET /b fetches /users/1, /orders/1 and /reviews/1 (JSON) from the origin in parallel
+#           and answers one merged JSON document (nginx: capture_multi + lua-cjson).
+# Configs: scripts/bench/moongate-lua.lua and nginx-lua.conf. Last, reload latency: a 100-route
+# config, 10 reloads that each add a route; time from `moongate reload` (or SIGHUP to the master
+# when this build has no reload command) until the new route answers 200; nginx's SIGHUP reload
+# as the reference (scripts/bench/reload_latency.py).
 # Prints a Markdown report and saves it to bench-results/latest.md.
 #
 #   BENCH_DURATION=10   seconds per wrk run (default 10; 3 with BENCH_QUICK=1)
@@ -14,6 +25,8 @@
 #   BENCH_ROUNDS=3      interleaved rounds
 #   BENCH_CPU_PROXY=0   CPU of the proxy under test; BENCH_CPU_LOAD=1: CPU of wrk + origin
 #   MOONGATE=path       binary to test (default build/moongate)
+#   BENCH_SCENARIOS="proxy mem lua reload"   the parts to run (default: all)
+#   BENCH_RELOADS=10    reloads for the reload-latency figure
 # Everything listens on 127.0.0.1 on free ports; temp files live in a mktemp dir; everything
 # started here is stopped by PID on exit. If moongate cannot start, its rows say why.
 set -u
@@ -32,6 +45,9 @@ CONNS=50
 ACTIVE_CONNS=1000
 IDLE_CONNS=10000
 PY=${PYTHON:-python3}
+SCENARIOS=" ${BENCH_SCENARIOS:-proxy mem lua reload} "
+RELOADS=${BENCH_RELOADS:-10}
+want() { case "$SCENARIOS" in *" $1 "*) return 0 ;; esac; return 1; }
 CLK_TCK=$(getconf CLK_TCK)
 REPORT="$PY $HERE/report.py"
 
@@ -40,13 +56,24 @@ die() { log "$*"; exit 1; }
 
 # --- dependencies ---------------------------------------------------------------------------
 # The bench needs nginx, haproxy, wrk and taskset; if the install fails but they are present,
-# go on (the nginx Lua module that deps.sh also installs is not used here).
+# go on. The Lua scenarios also need the nginx Lua module and lua-cjson; without them only their
+# nginx + Lua rows are missing (the report says why).
 "$ROOT/scripts/deps.sh" bench >&2 || log "scripts/deps.sh bench failed; trying with what is installed"
 for tool in nginx haproxy wrk taskset curl pgrep "$PY"; do
   command -v "$tool" >/dev/null 2>&1 || die "missing tool: $tool"
 done
 NGINX=$(command -v nginx)
 HAPROXY=$(command -v haproxy)
+# lua-nginx-module (and the NDK it needs) as dynamic modules, and lua-cjson for LuaJIT (5.1).
+NGINX_MODULES=""
+for d in /usr/share/nginx/modules /usr/lib/nginx/modules; do
+  if [ -f "$d/ngx_http_lua_module.so" ] && [ -f "$d/ndk_http_module.so" ]; then
+    NGINX_MODULES=$d; break
+  fi
+done
+LUA_CJSON=$(ls /usr/lib/*/lua/5.1/cjson.so /usr/local/lib/lua/5.1/cjson.so 2>/dev/null | head -n 1)
+LUA_CPATH=""
+[ -n "$LUA_CJSON" ] && LUA_CPATH="$(dirname "$LUA_CJSON")/?.so"
 
 # Enough file descriptors for 10,000 idle connections (client side and proxy side).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null
@@ -159,7 +186,9 @@ render() {  # TEMPLATE OUT NAME PORT -> fills the @...@ placeholders
   [ "$(id -u)" = 0 ] && user="user root root;"
   sed -e "s|@TMP@|$TMP|g" -e "s|@PORT@|$4|g" -e "s|@ORIGIN@|${ORIGIN_PORT:-0}|g" \
       -e "s|@NAME@|$3|g" -e "s|@USER@|$user|g" -e "s|@BODY1K@|$BODY1K|g" \
-      -e "s|@MAXCONN@|$MAXCONN|g" "$1" >"$2"
+      -e "s|@MAXCONN@|$MAXCONN|g" -e "s|@NGINX_MODULES@|$NGINX_MODULES|g" \
+      -e "s|@LUA_CPATH@|$LUA_CPATH|g" -e "s|@KEYS_SET@|${KEYS_SET:-}|g" \
+      -e "s|@KEYS_LIST@|${KEYS_LIST:-}|g" "$1" >"$2"
 }
 
 # wait_ready PID PORT TIMEOUT_S -> true once GET /12 answers 200 "hello world\n" and /1k 1 KiB.
@@ -182,17 +211,33 @@ wait_ready() {
 }
 
 # start_proxy KIND NAME -> sets STARTED_PID and STARTED_PORT; on failure sets START_WHY.
+# KIND: nginx, haproxy, moongate (plain proxies); nginx-lua, moongate-lua (the Lua scenarios);
+# nginx-reload, moongate-reload (the reload figure: the template is kept as $TMP/NAME.tpl and
+# reload_latency.py writes the config, STARTED_CONF, from it).
 start_proxy() {
   local kind=$1 name=$2 port conf tpl
   port=$(free_port)
   STARTED_PID=""
   STARTED_PORT=$port
+  STARTED_CONF=""
   READY_WHY="process exited"
   case "$kind" in
-    nginx)
+    nginx|nginx-lua|nginx-reload)
       conf=$TMP/$name.conf
       mkdir -p "$TMP/$name-temp"
-      render "$HERE/proxy-nginx.conf" "$conf" "$name" "$port"
+      case "$kind" in
+        nginx) render "$HERE/proxy-nginx.conf" "$conf" "$name" "$port" ;;
+        nginx-lua)
+          if [ -z "$NGINX_MODULES" ] || [ -z "$LUA_CPATH" ]; then
+            START_WHY="not available (the nginx Lua module or lua-cjson is not installed)"
+            return 1
+          fi
+          render "$HERE/nginx-lua.conf" "$conf" "$name" "$port" ;;
+        nginx-reload)
+          render "$HERE/reload-nginx.conf" "$TMP/$name.tpl" "$name" "$port"
+          $PY "$HERE/reload_latency.py" write nginx "$TMP/$name.tpl" "$conf" 0 ;;
+      esac
+      STARTED_CONF=$conf
       (exec taskset -c "$CPU_PROXY" "$NGINX" -p "$TMP/" -e "$TMP/$name-error.log" -c "$conf") \
         >"$TMP/$name.out" 2>&1 &
       STARTED_PID=$!; PIDS+=("$STARTED_PID")
@@ -201,6 +246,22 @@ start_proxy() {
       conf=$TMP/$name.cfg
       render "$HERE/haproxy.cfg" "$conf" "$name" "$port"
       (exec taskset -c "$CPU_PROXY" "$HAPROXY" -db -f "$conf") >"$TMP/$name.out" 2>&1 &
+      STARTED_PID=$!; PIDS+=("$STARTED_PID")
+      ;;
+    moongate-lua|moongate-reload)
+      if [ ! -x "$MOONGATE" ]; then
+        START_WHY="not available ($MOONGATE not built)"
+        return 1
+      fi
+      conf=$TMP/$name.lua
+      if [ "$kind" = moongate-lua ]; then
+        render "$HERE/moongate-lua.lua" "$conf" "$name" "$port"
+      else
+        render "$HERE/reload-moongate.lua" "$TMP/$name.tpl" "$name" "$port"
+        $PY "$HERE/reload_latency.py" write moongate "$TMP/$name.tpl" "$conf" 0
+      fi
+      STARTED_CONF=$conf
+      (exec taskset -c "$CPU_PROXY" "$MOONGATE" -c "$conf" -w 1) >"$TMP/$name.out" 2>&1 &
       STARTED_PID=$!; PIDS+=("$STARTED_PID")
       ;;
     moongate)
@@ -255,7 +316,9 @@ declare -A PORT PID
 PORT[direct]=$ORIGIN_PORT
 PID[direct]=""
 TARGETS="direct"
-for t in nginx haproxy moongate; do
+PROXY_KINDS="nginx haproxy moongate"; PROXY_SIZES="12 1k"
+want proxy || { PROXY_KINDS=""; PROXY_SIZES=""; }
+for t in $PROXY_KINDS; do
   if start_proxy "$t" "$t"; then
     PORT[$t]=$STARTED_PORT; PID[$t]=$STARTED_PID
     TARGETS="$TARGETS $t"
@@ -267,52 +330,61 @@ for t in nginx haproxy moongate; do
 done
 log "origin :$ORIGIN_PORT; targets: $TARGETS; ${DUR}s x $ROUNDS rounds x 2 sizes"
 
-run_wrk() {  # CONNS DURATION PORT PATH OUTFILE
-  taskset -c "$CPU_LOAD" wrk -t1 -c"$1" -d"$2"s --latency "http://127.0.0.1:$3$4" >"$5" 2>&1
+run_wrk() {  # CONNS DURATION PORT PATH OUTFILE [WRK_LUA_SCRIPT]
+  taskset -c "$CPU_LOAD" wrk -t1 -c"$1" -d"$2"s --latency ${6:+-s "$6"} \
+    "http://127.0.0.1:$3$4" >"$5" 2>&1
 }
 
-for scen in 12 1k; do
+# measure SCEN TARGET ROUND PORT PID PATH [WRK_LUA_SCRIPT] -> one wrk run of DUR seconds; appends
+# its row to runs.tsv. PID empty: no proxy (direct), no proxy CPU.
+measure() {
+  local scen=$1 t=$2 round=$3 port=$4 pid=$5 path=$6 script=${7:-}
+  local out=$TMP/wrk-$scen-$t-$round.txt
+  local t0=- t1=- o0 o1 l0 l1 b0 b1 w0 w1 req rps p50 p99 errs ticks own other wrk_ticks
+  local other_load wall
+  if [ -n "$pid" ] && ! alive "$pid"; then
+    log "[$scen r$round] $t: process died; skipping"
+    printf '%s\t%s\t%s\t0\t0\t0\t0\t-1\t-\t0\t0\t0\t0\t0\n' "$scen" "$t" "$round" >>"$TMP/runs.tsv"
+    return
+  fi
+  [ -n "$pid" ] && t0=$(tree_ticks "$pid")
+  o0=$(tree_ticks "$ORIGIN_PID"); l0=$(cpu_busy "$CPU_LOAD")
+  b0=$(cpu_busy "$CPU_PROXY"); w0=$(date +%s%N)
+  times >"$TMP/times0"   # no subshell: `times` must see this shell's children (wrk)
+  run_wrk "$CONNS" "$DUR" "$port" "$path" "$out" "$script"
+  times >"$TMP/times1"
+  b1=$(cpu_busy "$CPU_PROXY"); w1=$(date +%s%N)
+  l1=$(cpu_busy "$CPU_LOAD"); o1=$(tree_ticks "$ORIGIN_PID")
+  [ -n "$pid" ] && t1=$(tree_ticks "$pid")
+  read -r req rps p50 p99 errs <<<"$($REPORT parse-wrk "$out")"
+  ticks=-; own=0
+  [ -n "$pid" ] && { ticks=$((t1 - t0)); own=$ticks; }
+  if [ -n "$pid" ] && ! alive "$pid"; then   # died during the run: its ticks are gone
+    log "[$scen r$round] $t: process died during the run"
+    ticks=-; own=0
+  fi
+  # Ticks that other processes (other work on this machine) took on the proxy's CPU.
+  other=$((b1 - b0 - own)); [ "$other" -lt 0 ] && other=0
+  wrk_ticks=$(($(child_ticks "$TMP/times1") - $(child_ticks "$TMP/times0")))
+  other_load=$((l1 - l0 - (o1 - o0) - wrk_ticks)); [ "$other_load" -lt 0 ] && other_load=0
+  wall=$(((w1 - w0) * CLK_TCK / 1000000000))
+  # runs.tsv: scenario target round requests rps p50_ms p99_ms errors proxy_ticks
+  #           other_ticks_cpu_proxy wall_ticks other_ticks_cpu_load origin_ticks wrk_ticks
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$t" \
+    "$round" "$req" "$rps" "$p50" "$p99" "$errs" "$ticks" "$other" "$wall" "$other_load" \
+    "$((o1 - o0))" "$wrk_ticks" >>"$TMP/runs.tsv"
+  log "[$scen r$round] $t: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, cpu ticks $ticks, errors $errs; ticks of other processes: CPU $CPU_PROXY $other, CPU $CPU_LOAD $other_load (of $wall; origin $((o1 - o0)), wrk $wrk_ticks)"
+  [ "$req" = 0 ] && sed 's/^/  | /' "$out" | tail -n 5 >&2
+  return 0
+}
+
+for scen in $PROXY_SIZES; do
   for t in $TARGETS; do   # warm-up: JITs, pools, page faults
     run_wrk "$CONNS" 1 "${PORT[$t]}" "/$scen" "$TMP/warmup.txt"
   done
   for ((round = 1; round <= ROUNDS; round++)); do
     for t in $TARGETS; do
-      out=$TMP/wrk-$scen-$t-$round.txt
-      pid=${PID[$t]}
-      if [ -n "$pid" ] && ! alive "$pid"; then
-        log "[$scen r$round] $t: process died; skipping"
-        printf '%s\t%s\t%s\t0\t0\t0\t0\t-1\t-\t0\t0\t0\t0\t0\n' "$scen" "$t" "$round" >>"$TMP/runs.tsv"
-        continue
-      fi
-      t0=-; t1=-
-      [ -n "$pid" ] && t0=$(tree_ticks "$pid")
-      o0=$(tree_ticks "$ORIGIN_PID"); l0=$(cpu_busy "$CPU_LOAD")
-      b0=$(cpu_busy "$CPU_PROXY"); w0=$(date +%s%N)
-      times >"$TMP/times0"   # no subshell: `times` must see this shell's children (wrk)
-      run_wrk "$CONNS" "$DUR" "${PORT[$t]}" "/$scen" "$out"
-      times >"$TMP/times1"
-      b1=$(cpu_busy "$CPU_PROXY"); w1=$(date +%s%N)
-      l1=$(cpu_busy "$CPU_LOAD"); o1=$(tree_ticks "$ORIGIN_PID")
-      [ -n "$pid" ] && t1=$(tree_ticks "$pid")
-      read -r req rps p50 p99 errs <<<"$($REPORT parse-wrk "$out")"
-      ticks=-; own=0
-      [ -n "$pid" ] && { ticks=$((t1 - t0)); own=$ticks; }
-      if [ -n "$pid" ] && ! alive "$pid"; then   # died during the run: its ticks are gone
-        log "[$scen r$round] $t: process died during the run"
-        ticks=-; own=0
-      fi
-      # Ticks that other processes (other work on this machine) took on the proxy's CPU.
-      other=$((b1 - b0 - own)); [ "$other" -lt 0 ] && other=0
-      wrk_ticks=$(($(child_ticks "$TMP/times1") - $(child_ticks "$TMP/times0")))
-      other_load=$((l1 - l0 - (o1 - o0) - wrk_ticks)); [ "$other_load" -lt 0 ] && other_load=0
-      wall=$(((w1 - w0) * CLK_TCK / 1000000000))
-      # runs.tsv: scenario target round requests rps p50_ms p99_ms errors proxy_ticks
-      #           other_ticks_cpu_proxy wall_ticks other_ticks_cpu_load origin_ticks wrk_ticks
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$t" \
-        "$round" "$req" "$rps" "$p50" "$p99" "$errs" "$ticks" "$other" "$wall" "$other_load" \
-        "$((o1 - o0))" "$wrk_ticks" >>"$TMP/runs.tsv"
-      log "[$scen r$round] $t: $rps req/s, p50 ${p50} ms, p99 ${p99} ms, cpu ticks $ticks, errors $errs; ticks of other processes: CPU $CPU_PROXY $other, CPU $CPU_LOAD $other_load (of $wall; origin $((o1 - o0)), wrk $wrk_ticks)"
-      [ "$req" = 0 ] && sed 's/^/  | /' "$out" | tail -n 5 >&2
+      measure "$scen" "$t" "$round" "${PORT[$t]}" "${PID[$t]}" "/$scen"
     done
   done
 done
@@ -326,8 +398,10 @@ done
 # runs' allocator high-water marks nor the other scenario's connections are in the baseline.
 mem_row() { printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$TMP/mem.tsv"; }
 
-for p in nginx moongate; do
-  if ! grep -q "^$p	ok" "$TMP/status.tsv"; then
+MEM_KINDS="nginx moongate"
+want mem || MEM_KINDS=""
+for p in $MEM_KINDS; do
+  if want proxy && ! grep -q "^$p	ok" "$TMP/status.tsv"; then
     continue
   fi
   # (a) active keep-alive connections: peak RSS sampled while wrk -c1000 runs.
@@ -401,6 +475,159 @@ for p in nginx moongate; do
   fi
 done
 
+# --- Lua scenarios: moongate against nginx + lua-nginx-module --------------------------------
+# One process per target serves both scenarios (moongate-lua.lua, nginx-lua.conf), started
+# fresh here. Each scenario is first checked for the right answers; a target that fails a check
+# is left out of that scenario and the report gives the reason.
+: >"$TMP/lua-status.tsv"
+: >"$TMP/reload.tsv"
+lua_status() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$TMP/lua-status.tsv"; }  # SCEN TARGET ok|WHY
+
+# The 100 API keys, the same in both configs and in the wrk script (which cycles through them).
+KEYS_LIST=$($PY -c 'import hashlib
+print(" ".join("\"%s\"," % hashlib.sha256(b"moongate-bench-key-%d" % i).hexdigest()[:32]
+               for i in range(100)))')
+KEYS_SET=$(printf '%s' "$KEYS_LIST" | sed 's/"\([0-9a-f]*\)",/["\1"] = true,/g')
+FIRST_KEY=$(printf '%s' "$KEYS_LIST" | sed 's/^"\([0-9a-f]*\)".*/\1/')
+render "$HERE/wrk-apikey.lua" "$TMP/wrk-apikey.lua" wrk 0
+
+# proxy_error NAME -> the first script error the proxy NAME logged (moongate's output or nginx's
+# error log), without the temp dir's path; empty if none.
+proxy_error() {
+  { grep -a -h -o 'hook failed: .*' "$TMP/$1.out" 2>/dev/null
+    grep -a -h '\[error\]' "$TMP/$1-error.log" 2>/dev/null | sed 's/^.*\[error\] [0-9#]*: \*[0-9]* //'
+  } | head -n 1 | sed "s|$TMP/||g" | cut -c1-240
+}
+
+# check_apikey PORT -> true when a known key gets 200 with the 1 KiB body, no key or an unknown
+# key gets 401 with a JSON body, and the known key's counter is 1; otherwise sets CHECK_WHY.
+check_apikey() {
+  local port=$1 r h
+  r=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' --max-time 5 \
+      -H "X-Api-Key: $FIRST_KEY" "http://127.0.0.1:$port/a")
+  if [ "$r" != "200 1024" ]; then
+    CHECK_WHY="GET /a with a known key answered '$r' (want '200 1024')"
+    return 1
+  fi
+  for h in "" "X-Api-Key: not-a-key"; do
+    r=$(curl -s -o "$TMP/probe" -w '%{http_code} %{content_type}' --max-time 5 ${h:+-H "$h"} \
+        "http://127.0.0.1:$port/a")
+    case "$r" in
+      "401 application/json"*) grep -q '"bad key"' "$TMP/probe" && continue ;;
+    esac
+    CHECK_WHY="GET /a ${h:-without a key} answered '$r' '$(head -c 80 "$TMP/probe")' (want 401 JSON)"
+    return 1
+  done
+  # The one good request above was counted: GET /count shows the key's counter.
+  r=$(curl -s --max-time 5 -H "X-Api-Key: $FIRST_KEY" "http://127.0.0.1:$port/count")
+  if ! printf '%s' "$r" | $PY -c 'import json, sys; sys.exit(json.load(sys.stdin).get("n") != 1)' \
+       2>/dev/null; then
+    CHECK_WHY="after one GET /a with a key, GET /count answered '$(printf '%s' "$r" | head -c 80)' (want {\"n\":1})"
+    return 1
+  fi
+  return 0
+}
+
+# check_agg PORT NAME -> true when GET /b answers 200 with the merged document; otherwise sets
+# CHECK_WHY, with the script error the proxy logged if there is one.
+check_agg() {
+  local port=$1 name=$2 code why err
+  code=$(curl -s -o "$TMP/probe" -w '%{http_code}' --max-time 5 "http://127.0.0.1:$port/b")
+  why=$($REPORT check-agg "$TMP/probe")
+  [ "$code" = 200 ] && [ "$why" = ok ] && return 0
+  sleep 0.2   # let the proxy write its log line
+  err=$(proxy_error "$name")
+  if [ -z "$err" ]; then
+    CHECK_WHY="GET /b answered $code: $why"
+  else
+    CHECK_WHY="GET /b answered $code; its log: $err"
+  fi
+  case "$err" in
+    *"field 'fetch_all' (a nil value)"*) CHECK_WHY="$CHECK_WHY: mg.fetch_all is not in this build" ;;
+  esac
+  return 1
+}
+
+LUA_KINDS="nginx-lua moongate"
+want lua || LUA_KINDS=""
+declare -A LPORT LPID
+for t in $LUA_KINDS; do
+  kind=$t; [ "$t" = moongate ] && kind=moongate-lua
+  if ! start_proxy "$kind" "$t-lua"; then
+    log "$t (Lua scenarios): $START_WHY"
+    lua_status apikey "$t" "$START_WHY"; lua_status agg "$t" "$START_WHY"
+    continue
+  fi
+  LPORT[$t]=$STARTED_PORT; LPID[$t]=$STARTED_PID
+  if check_apikey "$STARTED_PORT"; then lua_status apikey "$t" ok
+  else log "$t: apikey: $CHECK_WHY"; lua_status apikey "$t" "not available ($CHECK_WHY)"; fi
+  if check_agg "$STARTED_PORT" "$t-lua"; then lua_status agg "$t" ok
+  else log "$t: agg: $CHECK_WHY"; lua_status agg "$t" "not available ($CHECK_WHY)"; fi
+done
+
+for scen in $([ -n "$LUA_KINDS" ] && echo apikey agg); do
+  if [ "$scen" = apikey ]; then path=/a; script=$TMP/wrk-apikey.lua; else path=/b; script=""; fi
+  lt=""
+  for t in $LUA_KINDS; do
+    grep -q "^$scen	$t	ok\$" "$TMP/lua-status.tsv" && lt="$lt $t"
+  done
+  [ -n "$lt" ] || continue
+  log "Lua scenario $scen: targets:$lt; ${DUR}s x $ROUNDS rounds"
+  for t in $lt; do   # warm-up: JITs, pools, page faults
+    run_wrk "$CONNS" 1 "${LPORT[$t]}" "$path" "$TMP/warmup.txt" "$script"
+  done
+  for ((round = 1; round <= ROUNDS; round++)); do
+    for t in $lt; do
+      measure "$scen" "$t" "$round" "${LPORT[$t]}" "${LPID[$t]}" "$path" "$script"
+    done
+  done
+done
+for t in $LUA_KINDS; do
+  [ -n "${LPID[$t]:-}" ] && stop_tree "${LPID[$t]}"
+done
+
+# --- reload latency ---------------------------------------------------------------------------
+# A fresh proxy with 100 routes (reload-moongate.lua, reload-nginx.conf as the reference); each
+# of RELOADS rounds rewrites the config with one more route, GET /new/N, asks for a reload and
+# polls that route every ms (reload_latency.py, on CPU_LOAD) until it answers 200.
+# reload.tsv: TARGET round N MS CMD_RC CMD_MS | TARGET method TEXT | TARGET fail WHY
+RELOAD_KINDS="moongate nginx"
+want reload || RELOAD_KINDS=""
+for t in $RELOAD_KINDS; do
+  if ! start_proxy "$t-reload" "$t-reload"; then
+    log "$t (reload): $START_WHY"
+    printf '%s\tfail\t%s\n' "$t" "$START_WHY" >>"$TMP/reload.tsv"
+    continue
+  fi
+  pid=$STARTED_PID; port=$STARTED_PORT; conf=$STARTED_CONF
+  if [ "$t" = nginx ]; then
+    how=(--hup "$pid"); method="SIGHUP to the master (nginx -s reload)"
+  elif "$MOONGATE" --help 2>&1 | grep -qw reload; then
+    how=(--cmd "$MOONGATE" reload -c "$conf"); method="\`moongate reload -c FILE\`"
+  else
+    how=(--hup "$pid")
+    method="SIGHUP to the master (this build has no \`moongate reload\` command)"
+  fi
+  printf '%s\tmethod\t%s\n' "$t" "$method" >>"$TMP/reload.tsv"
+  log "reload latency, $t: $RELOADS reloads by $method"
+  taskset -c "$CPU_LOAD" $PY "$HERE/reload_latency.py" measure "${t}" "$TMP/$t-reload.tpl" \
+    "$conf" "$port" "$RELOADS" 3 "${how[@]}" >"$TMP/reload-$t.out" 2>&1
+  sed -n 's/^round \([0-9]*\) ms \([0-9.]*\) cmd_rc \([^ ]*\) cmd_ms \([^ ]*\)$/'"$t"'\tround\t\1\t\2\t\3\t\4/p' \
+    "$TMP/reload-$t.out" >>"$TMP/reload.tsv"
+  last=$(tail -n 1 "$TMP/reload-$t.out")
+  if [ "$last" != ok ]; then
+    why=${last#fail }
+    # What the proxy said about the signal, if anything (e.g. a build without live reload).
+    said=$(grep -a -h -i 'SIGHUP\|reload' "$TMP/$t-reload.out" "$TMP/$t-reload-error.log" 2>/dev/null |
+           tail -n 1 | sed -e "s|$TMP/||g" -e 's/^.*\] \(pid=[0-9]* \)\{0,1\}//' | cut -c1-200)
+    [ -n "$said" ] && why="$why; its log: $said"
+    log "reload latency, $t: $why"
+    printf '%s\tfail\t%s\n' "$t" "$why" >>"$TMP/reload.tsv"
+  fi
+  sed 's/^/  | /' "$TMP/reload-$t.out" >&2
+  stop_tree "$pid"
+done
+
 # --- report ---------------------------------------------------------------------------------
 cpu=$(sed -n 's/^model name[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo | head -n 1)
 [ -n "$cpu" ] || cpu=$(sed -n 's/^Hardware[[:space:]]*:[[:space:]]*//p' /proc/cpuinfo | head -n 1)
@@ -413,6 +640,9 @@ mg_ver="moongate $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?'
   echo "kernel=$(uname -r)"
   echo "versions=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $("$HAPROXY" -v 2>&1 | head -n 1 | awk '{print $1, $3}'), $(wrk -v 2>&1 | head -n 1 | awk '{print $1, $2}'), $mg_ver"
   echo "origin=nginx return 200 (one worker)"
+  echo "lua_versions=lua-nginx-module $(dpkg-query -W -f='${Version}' libnginx-mod-http-lua 2>/dev/null || echo '?'), lua-cjson $(dpkg-query -W -f='${Version}' lua-cjson 2>/dev/null || echo '?')"
+  echo "scenarios=$(echo $SCENARIOS)"
+  echo "reloads=$RELOADS"
   echo "duration=$DUR"
   echo "rounds=$ROUNDS"
   echo "quick=$QUICK"
@@ -430,7 +660,8 @@ cp "$TMP/report.md" "$ROOT/bench-results/latest.md"
 # The raw inputs, so that `scripts/bench/report.py render bench-results/latest-raw` redraws it.
 rm -rf "$ROOT/bench-results/latest-raw"
 mkdir -p "$ROOT/bench-results/latest-raw"
-cp "$TMP/meta.env" "$TMP/status.tsv" "$TMP/runs.tsv" "$TMP/mem.tsv" "$ROOT/bench-results/latest-raw/"
+cp "$TMP/meta.env" "$TMP/status.tsv" "$TMP/runs.tsv" "$TMP/mem.tsv" "$TMP/lua-status.tsv" \
+  "$TMP/reload.tsv" "$ROOT/bench-results/latest-raw/"
 echo
 cat "$TMP/report.md"
 echo

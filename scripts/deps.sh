@@ -2,13 +2,13 @@
 # Installs the Debian 12 packages moongate builds, tests and benchmarks with, and only those
 # that are missing. Idempotent: a second run installs nothing and says so.
 #   scripts/deps.sh          build + test packages
-#   scripts/deps.sh bench    also nginx (with Lua), haproxy and wrk for `make bench`
+#   scripts/deps.sh bench    also nginx (with Lua and lua-cjson), haproxy and wrk for `make bench`
 set -eu
 
 PKGS="build-essential pkg-config clang libuv1-dev libluajit2-5.1-dev node-llhttp libyajl-dev
 libssl-dev libhiredis-dev python3 python3-pytest curl procps"
 if [ "${1:-}" = bench ]; then
-  PKGS="$PKGS nginx-light libnginx-mod-http-lua haproxy wrk util-linux"
+  PKGS="$PKGS nginx-light libnginx-mod-http-lua lua-cjson haproxy wrk util-linux"
 fi
 
 missing=""
