@@ -407,10 +407,53 @@ static void read_call(const ctx_t *c, spec_t *sp, int ti, int oi, double entry_t
  * Results.
  * ---------------------------------------------------------------------------------------- */
 
-/* res.json and res.json_error, decoded on first use (upvalue 1: mg.json.decode). */
+/* The key (its address) under which a res table keeps its raw header block until
+ * res.headers is first read. */
+static const char raw_headers_key = 0;
+
+/* res.headers from the raw block: "name\0value\0" per field, names already lower-case. */
+static int build_headers(lua_State *L) {
+  lua_pushlightuserdata(L, (void *)&raw_headers_key);
+  lua_rawget(L, 1);
+  size_t len;
+  const char *p = lua_tolstring(L, -1, &len), *end = p + len;
+  lua_newtable(L);
+  int t = lua_gettop(L);
+  while (p && p < end) {
+    size_t nl = strlen(p);
+    const char *v = p + nl + 1;
+    size_t vl = strlen(v);
+    lua_pushlstring(L, p, nl);
+    lua_pushvalue(L, -1);
+    lua_rawget(L, t);
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_pushlstring(L, v, vl);
+    } else {                                 /* a repeated field: joined as RFC 9110 allows */
+      lua_pushliteral(L, ", ");
+      lua_pushlstring(L, v, vl);
+      lua_concat(L, 3);
+    }
+    lua_rawset(L, t);
+    p = v + vl + 1;
+  }
+  lua_pushliteral(L, "headers");
+  lua_pushvalue(L, t);
+  lua_rawset(L, 1);
+  lua_pushlightuserdata(L, (void *)&raw_headers_key);
+  lua_pushnil(L);
+  lua_rawset(L, 1);
+  return 1;
+}
+
+/* res.headers, res.json and res.json_error, made on first use (upvalue 1: mg.json.decode). */
 static int res_index(lua_State *L) {
   if (lua_type(L, 2) != LUA_TSTRING) return 0;
   const char *k = lua_tostring(L, 2);
+  if (strcmp(k, "headers") == 0) {
+    lua_settop(L, 2);
+    return build_headers(L);
+  }
   int want_json = strcmp(k, "json") == 0;
   if (!want_json && strcmp(k, "json_error") != 0) return 0;
   lua_settop(L, 2);
@@ -457,30 +500,24 @@ static void push_res(lua_State *L, const mg_fetch_t *f) {
   lua_createtable(L, 0, 3);
   lua_pushinteger(L, mg_fetch_status(f));
   lua_setfield(L, -2, "status");
+  /* The header fields as one string; res.headers is built from it when a script reads it
+   * (most aggregation code only reads status and json). NUL cannot occur in a field. */
   size_t n = mg_fetch_nheaders(f);
-  lua_createtable(L, 0, (int)n);
+  luaL_Buffer b;
+  lua_pushlightuserdata(L, (void *)&raw_headers_key);
+  luaL_buffinit(L, &b);
   for (size_t i = 0; i < n; i++) {
     const char *name, *value;
     size_t nl, vl;
     mg_fetch_header(f, i, &name, &nl, &value, &vl);
-    luaL_Buffer b;
-    luaL_buffinit(L, &b);
     for (size_t j = 0; j < nl; j++)
       luaL_addchar(&b, name[j] >= 'A' && name[j] <= 'Z' ? name[j] + 32 : name[j]);
-    luaL_pushresult(&b);
-    lua_pushvalue(L, -1);
-    lua_rawget(L, -3);
-    if (lua_isnil(L, -1)) {
-      lua_pop(L, 1);
-      lua_pushlstring(L, value, vl);
-    } else {                                 /* a repeated field: joined as RFC 9110 allows */
-      lua_pushliteral(L, ", ");
-      lua_pushlstring(L, value, vl);
-      lua_concat(L, 3);
-    }
-    lua_rawset(L, -3);
+    luaL_addchar(&b, '\0');
+    luaL_addlstring(&b, value, vl);
+    luaL_addchar(&b, '\0');
   }
-  lua_setfield(L, -2, "headers");
+  luaL_pushresult(&b);
+  lua_rawset(L, -3);
   size_t bl;
   const char *body = mg_fetch_body(f, &bl);
   lua_pushlstring(L, body, bl);

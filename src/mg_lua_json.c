@@ -183,9 +183,17 @@ static int encode_number(encoder_t *e, double d) {
   int len;
   if (isnan(d)) return fail(e, "cannot encode NaN");
   if (isinf(d)) return fail(e, "cannot encode Inf");
-  if (d == floor(d) && fabs(d) <= MAX_EXACT_INT)
-    len = snprintf(buf, sizeof buf, "%lld", (long long)d);
-  else
+  if (d == floor(d) && fabs(d) <= MAX_EXACT_INT) {   /* the common case, without printf */
+    long long v = (long long)d;
+    unsigned long long u = v < 0 ? 0ull - (unsigned long long)v : (unsigned long long)v;
+    char tmp[24];
+    int n = 0;
+    do tmp[n++] = (char)('0' + u % 10); while ((u /= 10) != 0);
+    len = 0;
+    if (v < 0) buf[len++] = '-';
+    while (n) buf[len++] = tmp[--n];
+    buf[len] = '\0';
+  } else
     len = format_double(buf, sizeof buf, d);
   return gen_ok(e, yajl_gen_number(e->gen, buf, (size_t)len));
 }
