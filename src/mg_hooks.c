@@ -1184,6 +1184,24 @@ int mg_hooks_filter(mg_request_t *req, const char *data, size_t len, int eof, mg
 
 /* ---- finishing a step --------------------------------------------------------------------- */
 
+/* A response hook failed: logged; the response becomes the gateway's JSON 500 (the producer
+ * sends it, or cuts a response already under way). */
+static void response_hook_failed(hookrun_t *h, const char *msg, const char *tb) {
+  mg_request_t *req = h->req;
+  log_script_error(req, "response", msg, tb);
+  hookrun_drop_run(h);
+  h->resp_replaced = 1;
+  h->resp_status = 500;
+  h->resp_head.len = 0;
+  mg_buf_puts(&h->resp_head, "Content-Type: application/json\r\n");
+  h->resp_body.len = 0;
+  mg_buf_printf(&h->resp_body, "{\"error\":\"script error\",\"status\":500,\"request_id\":\"%s\"}",
+                req->id);
+  h->resp_body_known = 1;
+  h->nfilters = 0;
+  h->resp->done(req);
+}
+
 /* The step of the request phases finished with the results at 2..N of the stack. */
 static void phase_finished(hookrun_t *h, lua_State *co, int n) {
   mg_request_t *req = h->req;
@@ -1199,17 +1217,7 @@ static void phase_finished(hookrun_t *h, lua_State *co, int n) {
       if (read_answer(co, 2, n - 1, &a, err, sizeof err) != 0) {
         lua_settop(co, 0);
         answer_dispose(&a);
-        log_script_error(req, "response", err, "");
-        hookrun_drop_run(h);
-        h->resp_replaced = 1;
-        h->resp_status = 500;
-        h->resp_head.len = 0;
-        h->resp_body.len = 0;
-        mg_buf_printf(&h->resp_body, "{\"error\":\"script error\",\"status\":500,\"request_id\":\"%s\"}",
-                      req->id);
-        mg_buf_puts(&h->resp_head, "Content-Type: application/json\r\n");
-        h->resp_body_known = 1;
-        resp->done(req);
+        response_hook_failed(h, err, "");
         return;
       }
       h->resp_replaced = 1;
@@ -1258,7 +1266,6 @@ static void phase_finished(hookrun_t *h, lua_State *co, int n) {
 }
 
 static void step_finished(hookrun_t *h, mg_lua_status_t st) {
-  mg_request_t *req = h->req;
   int hook = h->step;
   lua_State *co = mg_lua_run_thread(h->task.run);
   if (st == MG_LUA_YIELD) {
@@ -1273,12 +1280,7 @@ static void step_finished(hookrun_t *h, mg_lua_status_t st) {
     }
     h->step = -1;
     if (hook == MG_HOOK_RESPONSE) {
-      log_script_error(req, "response", "coroutine.yield called outside a coroutine", "");
-      hookrun_drop_run(h);
-      h->resp_replaced = 1;
-      h->resp_status = 500;
-      h->resp_body_known = 1;
-      h->resp->done(req);
+      response_hook_failed(h, "coroutine.yield called outside a coroutine", "");
       return;
     }
     hook_failed(h, mg_hook_name(hook), "coroutine.yield called outside a coroutine", "");
@@ -1288,18 +1290,7 @@ static void step_finished(hookrun_t *h, mg_lua_status_t st) {
   const char *msg = st == MG_LUA_DONE ? "the hook driver ended" : mg_lua_run_error(h->task.run);
   const char *tb = st == MG_LUA_DONE ? "" : mg_lua_run_traceback(h->task.run);
   if (hook == MG_HOOK_RESPONSE) {
-    log_script_error(req, "response", msg, tb);
-    hookrun_drop_run(h);
-    h->resp_replaced = 1;
-    h->resp_status = 500;
-    h->resp_head.len = 0;
-    mg_buf_puts(&h->resp_head, "Content-Type: application/json\r\n");
-    h->resp_body.len = 0;
-    mg_buf_printf(&h->resp_body, "{\"error\":\"script error\",\"status\":500,\"request_id\":\"%s\"}",
-                  req->id);
-    h->resp_body_known = 1;
-    h->nfilters = 0;
-    h->resp->done(req);
+    response_hook_failed(h, msg, tb);
     return;
   }
   hook_failed(h, mg_hook_name(hook), msg, tb);
