@@ -881,7 +881,17 @@ static int add_header_line(mg_buf_t *out, const char *name, size_t nl, const cha
              (int)(nl > 64 ? 64 : nl), name);
     return -1;
   }
+  /* res.headers keys are lower-case: such a name goes out in the usual form
+   * ("content-type" -> "Content-Type"); a name written with capitals is kept as written. */
+  int lower = 1;
+  for (size_t i = 0; i < nl && lower; i++) lower = !(name[i] >= 'A' && name[i] <= 'Z');
+  size_t at = out->len;
   mg_buf_append(out, name, nl);
+  if (lower && out->len == at + nl)
+    for (size_t i = 0; i < nl; i++) {
+      char *c = out->data + at + i;
+      if ((i == 0 || c[-1] == '-') && *c >= 'a' && *c <= 'z') *c = (char)(*c - 32);
+    }
   mg_buf_append(out, ": ", 2);
   mg_buf_append(out, v, vl);
   mg_buf_append(out, "\r\n", 2);

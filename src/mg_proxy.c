@@ -860,6 +860,7 @@ static void proxy_hooks_done(mg_request_t *req) {
   const char *body = NULL;
   size_t len = 0;
   int known = mg_hooks_response_body(req, &body, &len);
+  int replaced = known;                      /* a hook set or replaced the body */
   int nob = p->no_body || status == 204 || status == 304;
   if (!known && (p->upstream_done || nob)) {
     body = nob ? "" : p->collected.data ? p->collected.data : "";
@@ -886,7 +887,10 @@ static void proxy_hooks_done(mg_request_t *req) {
       body = filtered.data ? filtered.data : "";
       len = filtered.len;
     }
-    if (status != 204 && status != 304) mg_buf_printf(b, "Content-Length: %zu\r\n", len);
+    if (req->method == HTTP_HEAD && !replaced && p->upstream_cl >= 0)   /* the GET's length */
+      mg_buf_printf(b, "Content-Length: %lld\r\n", (long long)p->upstream_cl);
+    else if (status != 204 && status != 304)
+      mg_buf_printf(b, "Content-Length: %zu\r\n", len);
     mg_request_common_headers(req, b);
     mg_buf_append(b, "\r\n", 2);
     if (!(req->method == HTTP_HEAD || status == 204 || status == 304)) mg_buf_append(b, body, len);
