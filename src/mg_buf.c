@@ -60,3 +60,10 @@ void mg_buf_reset(mg_buf_t *b, size_t keep) {
   if (b->cap > keep) mg_buf_dispose(b);
   else b->len = 0;
 }
+
+int mg_buf_append_uint(mg_buf_t *b, unsigned long long v) {
+  char tmp[24];
+  size_t n = sizeof tmp;
+  do tmp[--n] = (char)('0' + v % 10); while ((v /= 10) != 0);
+  return mg_buf_append(b, tmp + n, sizeof tmp - n);
+}

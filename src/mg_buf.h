@@ -15,6 +15,10 @@ typedef struct mg_buf {
 /* Starts an empty buffer (no allocation). */
 void mg_buf_init(mg_buf_t *b);
 
+/* Appends the decimal digits of V; returns 0 or -1 (out of memory). No printf: it is on the
+ * path of every response. */
+int mg_buf_append_uint(mg_buf_t *b, unsigned long long v);
+
 /* Frees the memory and leaves an empty buffer. */
 void mg_buf_dispose(mg_buf_t *b);
 

@@ -143,7 +143,10 @@ static int build_request(mg_fetch_t *f, const mg_fetch_req_t *r) {
   const char *p = r->path ? r->path : "/";
   mg_buf_t *b = &f->req;
   int rc = 0, has_ua = 0;
-  rc |= mg_buf_printf(b, "%s %s HTTP/1.1\r\n", m, p);
+  rc |= mg_buf_puts(b, m);
+  rc |= mg_buf_append(b, " ", 1);
+  rc |= mg_buf_puts(b, p);
+  rc |= mg_buf_append(b, " HTTP/1.1\r\n", 11);
   f->pre_len = b->len;
   for (size_t i = 0; i < r->nheaders; i++) {
     const char *n = r->headers[2 * i], *v = r->headers[2 * i + 1];
@@ -154,13 +157,18 @@ static int build_request(mg_fetch_t *f, const mg_fetch_req_t *r) {
     const char *val = v;
     size_t vl = strlen(v);
     mg_http_trim(&val, &vl);
-    rc |= mg_buf_printf(b, "%s: ", n);
+    rc |= mg_buf_puts(b, n);
+    rc |= mg_buf_append(b, ": ", 2);
     rc |= mg_buf_append(b, val, vl);
     rc |= mg_buf_append(b, "\r\n", 2);
   }
   if (!has_ua) rc |= mg_buf_puts(b, "User-Agent: moongate\r\n");
   if (r->body_len > 0 || method_is(m, "POST") || method_is(m, "PUT") || method_is(m, "PATCH"))
-    rc |= mg_buf_printf(b, "Content-Length: %zu\r\n", r->body_len);
+  {
+    rc |= mg_buf_append(b, "Content-Length: ", 16);
+    rc |= mg_buf_append_uint(b, r->body_len);
+    rc |= mg_buf_append(b, "\r\n", 2);
+  }
   rc |= mg_buf_append(b, "\r\n", 2);
   if (r->body_len) rc |= mg_buf_append(b, r->body, r->body_len);
   f->idempotent = method_is(m, "GET") || method_is(m, "HEAD") || method_is(m, "PUT") ||
@@ -434,7 +442,11 @@ static void fetch_send(mg_fetch_t *f) {
   mg_buf_t *o = &f->out;
   o->len = 0;
   int rc = mg_buf_append(o, f->req.data, f->pre_len);
-  if (!f->has_host) rc |= mg_buf_printf(o, "Host: %s\r\n", f->target->name);
+  if (!f->has_host) {
+    rc |= mg_buf_append(o, "Host: ", 6);
+    rc |= mg_buf_puts(o, f->target->name);
+    rc |= mg_buf_append(o, "\r\n", 2);
+  }
   rc |= mg_buf_append(o, f->req.data + f->pre_len, f->req.len - f->pre_len);
   if (rc) {
     fetch_fail(f, MG_FETCH_E_NOMEM, 0);

@@ -295,7 +295,10 @@ static void read_call(const ctx_t *c, spec_t *sp, int ti, int oi, double entry_t
     mg_gen_t *g = c->t->gen ? c->t->gen : c->t->w->gen;
     sp->up = g ? mg_gen_upstream(g, target) : NULL;
     if (!sp->up) arg_error(c, "unknown upstream \"%.100s\"", target);
-    snprintf(sp->prefix, sizeof sp->prefix, "%s", target);
+    size_t tl = strlen(target);              /* an upstream name: short, checked above */
+    if (tl >= sizeof sp->prefix) tl = sizeof sp->prefix - 1;
+    memcpy(sp->prefix, target, tl);
+    sp->prefix[tl] = '\0';
   }
 
   /* The path, or the options. */

@@ -119,9 +119,21 @@ void mg_request_respond(mg_request_t *req, int status, const char *content_type,
   mg_buf_t out;
   mg_buf_init(&out);
   int no_body = req->method == HTTP_HEAD || status == 204 || status == 304 || status < 200;
-  mg_buf_printf(&out, "HTTP/1.1 %d %s\r\nServer: moongate\r\n", status, mg_http_reason(status));
-  if (content_type) mg_buf_printf(&out, "Content-Type: %s\r\n", content_type);
-  if (status != 204 && status != 304) mg_buf_printf(&out, "Content-Length: %zu\r\n", body_len);
+  mg_buf_append(&out, "HTTP/1.1 ", 9);
+  mg_buf_append_uint(&out, (unsigned)status);
+  mg_buf_append(&out, " ", 1);
+  mg_buf_puts(&out, mg_http_reason(status));
+  mg_buf_append(&out, "\r\nServer: moongate\r\n", 20);
+  if (content_type) {
+    mg_buf_append(&out, "Content-Type: ", 14);
+    mg_buf_puts(&out, content_type);
+    mg_buf_append(&out, "\r\n", 2);
+  }
+  if (status != 204 && status != 304) {
+    mg_buf_append(&out, "Content-Length: ", 16);
+    mg_buf_append_uint(&out, body_len);
+    mg_buf_append(&out, "\r\n", 2);
+  }
   if (headers_len) mg_buf_append(&out, headers, headers_len);
   mg_request_common_headers(req, &out);
   mg_buf_append(&out, "\r\n", 2);
