@@ -1,10 +1,12 @@
 /* mg_request: the request lifecycle. A request whose head is complete and valid enters
- * mg_request_start and runs through the phases of MG_PHASES in order: REQUEST (global, before
- * routing), routing, ACCESS, HANDLER (a fixed response or the proxy), RESPONSE (inside the
- * handler, as the upstream's head arrives) and LOG (after the last byte is written).
- * Each phase is a step of request_run's state machine: a step that must wait (a Lua hook
- * yielding, in the hooks issue) returns, and the loop resumes it with request_run again.
- * Also here: the gateway's own answers (fixed responses, JSON errors) and the access log. */
+ * mg_request_start and runs through the phases of MG_PHASES in order: REQUEST (global hooks,
+ * before routing), routing, ACCESS (hooks), HANDLER (a fixed response, a Lua handler or the
+ * proxy), RESPONSE (hooks on the answer, or inside the proxy as the upstream's head arrives)
+ * and LOG (the access log and the log hooks, after the last byte is written). Each phase is a
+ * step of request_run's state machine: a phase whose hooks run (mg_hooks.c) returns, and
+ * mg_request_continue resumes the machine when they finish without answering. The admin
+ * listener's requests go to mg_admin.c instead. Also here: the gateway's own answers (fixed
+ * responses, JSON errors) and the access log. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

@@ -6,7 +6,7 @@
  * mg_server.c owns the socket side: accepting, parsing with llhttp (strict) plus the checks
  * llhttp lacks, limits and timeouts, writing with back-pressure, keep-alive, pipelining and
  * closing. mg_request.c owns the lifecycle: routing, the phases, fixed and error answers and
- * the access log. A handler (the proxy, a fixed response; Lua later) drives the response
+ * the access log. A handler (the proxy, a fixed response, a Lua handler) drives the response
  * through the mg_request_* and mg_conn_* calls below. Each phase is a step of a small state
  * machine, so a step may suspend (a Lua hook yielding) and be resumed from the loop. */
 #ifndef MG_REQUEST_H
