@@ -1,6 +1,8 @@
-/* mg_worker: one worker process. Builds its runtime from the config it inherited from the
- * master (routers per listener, upstream pools, resolver, access log), serves the listening
- * sockets it inherited, and on SIGTERM/SIGINT drains: stops accepting, closes idle
+/* mg_worker: one worker process. Makes its Lua VM (the mg API registered), evaluates the
+ * config in it into its first generation (mg_gen: routers, upstreams, hooks; from the files
+ * the master accepted, inherited at fork), opens the access log, serves the listening sockets
+ * it inherited; on SIGHUP builds the generation the master announced on the status page and
+ * switches to it (worker_reload); on SIGTERM/SIGINT drains: stops accepting, closes idle
  * connections, lets in-flight requests finish (they answer with Connection: close) up to
  * gateway.drain_timeout, then exits. */
 #include <signal.h>
