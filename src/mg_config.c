@@ -711,13 +711,16 @@ done:
   return rc;
 }
 
-int mg_config_load(const char *file, mg_config_t *cfg, char **errors)
+/* One evaluation in a fresh VM with the memory cap MEM (0: none) and the libraries ALLOW. */
+static int load_checked(const char *file, size_t mem, unsigned allow, mg_config_t *cfg,
+                        char **errors)
 {
   char err[256];
-  mg_lua_vm_t *vm = mg_lua_vm_new(0, err, sizeof err);
-  if (!vm) {
+  mg_lua_vm_t *vm = mg_lua_vm_new(mem, err, sizeof err);
+  if (!vm || (allow && mg_lua_vm_allow(vm, allow) != 0)) {
+    mg_lua_vm_free(vm);
     memset(cfg, 0, sizeof *cfg);
-    set_error(errors, file, "cannot check the config", err);
+    set_error(errors, file, "cannot check the config", vm ? "cannot open lua.allow" : err);
     return -1;
   }
   /* The mg API of a worker, except the shared dictionaries, which do not exist yet: a
@@ -747,6 +750,19 @@ int mg_config_load(const char *file, mg_config_t *cfg, char **errors)
   int rc = mg_config_load_vm(vm, file, cfg, errors, NULL);
   mg_lua_vm_free(vm);
   return rc;
+}
+
+int mg_config_load(const char *file, mg_config_t *cfg, char **errors)
+{
+  /* The config says which memory cap and libraries its workers' VMs have; a second
+   * evaluation under those makes the check match what the workers will do (a config that
+   * only fits without the cap, or that uses an allowed library while loading). */
+  if (load_checked(file, 0, 0, cfg, errors) != 0) return -1;
+  size_t mem = cfg->lua_memory;
+  unsigned allow = cfg->lua_allow;
+  mg_config_free(cfg);
+  if (snap_mode == 1) snapshot_clear(&snap_pending);   /* record the pass that counts */
+  return load_checked(file, mem, allow, cfg, errors);
 }
 
 void mg_config_free(mg_config_t *cfg)

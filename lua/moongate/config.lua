@@ -1588,6 +1588,11 @@ local function run(st, src)
     debug.sethook()
   end
   if not ok then
+    -- Out of memory (lua.memory), the error handler itself may have failed: a bare message.
+    if type(e) ~= "table" then e = { msg = tostring(e) } end
+    if e.msg == "not enough memory" then
+      e.msg = "not enough memory while loading (more than lua.memory allows)"
+    end
     runtime_error(st, e)
     return false
   end

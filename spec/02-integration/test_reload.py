@@ -416,19 +416,33 @@ def test_a_change_that_needs_a_restart_is_rejected(name):
         assert gw.stop() == 0
 
 
-# A config that evaluates fine in a fresh VM (the master's check has no memory cap) but not
-# inside a worker's VM capped at lua.memory = 8m, which also holds the running generation.
+# With n = FITS_ONCE the config's data (~5 MB) fits the lua.memory = 8m of the master's check
+# (a fresh VM under the same cap) but not a worker's VM, which also holds the running
+# generation while it builds the next; with n = 100000 (~15 MB) it fits nowhere.
+FITS_ONCE = 35000
 BIG = ('lua { memory = "8m" }\n'
        'local big = {}\n'
-       'for i = 1, {n} do big[i] = string.rep("x", 100) .. i end\n'
+       # strings differ per version: the two generations cannot share them
+       'for i = 1, {n} do big[i] = string.rep("x", 100) .. "{v}" .. i end\n'
        # the handler holds BIG: it is part of the generation
        'route "GET /v" { handler = function(req) local _ = big return 200, "{v}" end }\n')
 
 
-def test_a_generation_the_workers_cannot_load_is_reported():
+def test_a_config_over_lua_memory_is_refused_by_the_check():
     with start(BIG, n=10, v="v1") as gw:
-        assert_serves_only(gw, "/v", b"v1", 4)
         write_config(gw, BIG, n=100000, v="v2")
+        p = reload_cli(gw)
+        assert p.returncode == 1, (p.stdout, p.stderr)
+        assert "gateway.lua" in p.stderr and "not enough memory" in p.stderr, p.stderr
+        r = post_reload(gw)                 # the master's check says the same
+        assert r.status == 422 and "not enough memory" in r.json()["error"], r.body
+        assert_serves_only(gw, "/v", b"v1", 3)
+
+
+def test_a_generation_the_workers_cannot_load_is_reported():
+    with start(BIG, n=FITS_ONCE, v="v1") as gw:
+        assert_serves_only(gw, "/v", b"v1", 4)
+        write_config(gw, BIG, n=FITS_ONCE, v="v2")
         p = reload_cli(gw)
         assert p.returncode == 1, (p.stdout, p.stderr)
         assert p.stdout == ""
@@ -449,8 +463,8 @@ def test_a_generation_the_workers_cannot_load_is_reported():
 
 
 def test_the_old_generation_keeps_serving_after_a_worker_could_not_load_the_new_one():
-    with start(BIG, workers=1, n=10, v="v1") as gw:
-        write_config(gw, BIG, n=100000, v="v2")
+    with start(BIG, workers=1, n=FITS_ONCE, v="v1") as gw:
+        write_config(gw, BIG, n=FITS_ONCE, v="v2")
         assert reload_cli(gw).returncode == 1
         got = [try_get(gw.port, "/v") for _ in range(3)]
         # Even a small config loads again afterwards.
