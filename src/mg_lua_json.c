@@ -436,6 +436,17 @@ static int plain_integer(const char *s, size_t len) {
 
 static int on_number(void *ctx, const char *s, size_t len) {
   decoder_t *d = ctx;
+  /* The common case, an integer of at most 15 digits (exact in a double), without strtod. */
+  size_t neg = len > 0 && s[0] == '-';
+  if (len - neg >= 1 && len - neg <= 15) {
+    long long v = 0;
+    size_t i = neg;
+    while (i < len && s[i] >= '0' && s[i] <= '9') v = v * 10 + (s[i++] - '0');
+    if (i == len) {
+      lua_pushnumber(d->L, neg ? -(double)v : (double)v);
+      return add_value(d);
+    }
+  }
   char small[64];
   char *buf = len < sizeof small ? small : malloc(len + 1);
   if (!buf) {
