@@ -605,20 +605,18 @@ static const char *checker_source(size_t *len, int *free_it, char *name, size_t 
   return text;
 }
 
-/* The text of an error raised while the user's file ran: Lua names it "\1config". */
+/* The text of an error that ended the load outside config.lua's own handling (out of memory,
+ * the VM's time budget): "FILE: message" (a message that names its place is kept as is). */
 static char *config_error_text(const char *display, const char *msg)
 {
-  const char *at = strstr(msg, "\1config");
-  const char *tail = at ? at + 7 : msg;
-  size_t len = strlen(display) + strlen(msg) + 64;
+  size_t dl = strlen(display);
+  size_t len = dl + strlen(msg) + 64;
   char *out = malloc(len);
   if (!out) return NULL;
-  if (at) snprintf(out, len, "%s%s\n", display, tail);
+  if (strncmp(msg, display, dl) == 0 && msg[dl] == ':') snprintf(out, len, "%s\n", msg);
   else snprintf(out, len, "%s: %s\n", display, msg);
-  if (strstr(out, "exceeded its CPU budget")) {
-    char *p = strstr(out, "script exceeded its CPU budget");
-    if (p) snprintf(p, len - (size_t)(p - out), "the config file ran too long (an endless loop?)\n");
-  }
+  char *p = strstr(out, "script exceeded its CPU budget");
+  if (p) snprintf(p, len - (size_t)(p - out), "the config file ran too long (an endless loop?)\n");
   return out;
 }
 

@@ -64,10 +64,6 @@ void mg_gen_release(mg_gen_t *g) {
   mg_gen_free(g);
 }
 
-uint64_t mg_gen_id(const mg_gen_t *g) { return g->id; }
-
-const mg_config_t *mg_gen_config(const mg_gen_t *g) { return &g->cfg; }
-
 mg_upstream_t *mg_gen_upstream(mg_gen_t *g, const char *name) {
   for (size_t i = 0; i < g->nupstreams; i++)
     if (strcmp(g->upstreams[i].conf->name, name) == 0) return &g->upstreams[i];

@@ -19,7 +19,7 @@ typedef struct mg_gen mg_gen_t;
 
 struct mg_gen {
   int refs;
-  uint64_t id;
+  uint64_t id;                    /* 1 for the config the gateway started with, +1 per reload */
   struct mg_worker *w;
   mg_config_t cfg;                /* owned */
   struct mg_router **routers;     /* one per worker listener, by index */
@@ -54,12 +54,6 @@ mg_gen_t *mg_gen_hold(mg_gen_t *g);
 
 /* Drops a reference; the last one frees the generation. */
 void mg_gen_release(mg_gen_t *g);
-
-/* The generation's number (1 for the config the gateway started with, +1 per reload). */
-uint64_t mg_gen_id(const mg_gen_t *g);
-
-/* The generation's config. */
-const mg_config_t *mg_gen_config(const mg_gen_t *g);
 
 /* The upstream named NAME in generation G, or NULL. */
 struct mg_upstream *mg_gen_upstream(mg_gen_t *g, const char *name);

@@ -748,13 +748,7 @@ void mg_hooks_gen_unref(mg_gen_t *g) {
  * Steps.
  * ---------------------------------------------------------------------------------------- */
 
-static void on_task_resumed_unguarded(mg_task_t *t, mg_lua_status_t st) { step_finished(t->data, st); }
-
-static void on_task_resumed(mg_task_t *t, mg_lua_status_t st) {
-  int headroom = mg_lua_vm_headroom(H.vm, 1);   /* C-side pushes may not abort */
-  on_task_resumed_unguarded(t, st);
-  mg_lua_vm_headroom(H.vm, headroom);
-}
+static void on_task_resumed(mg_task_t *t, mg_lua_status_t st) { step_finished(t->data, st); }
 
 /* The request's hook state, made on first use with its coroutine and req table. */
 /* Finished requests leave their hook state here with its coroutine, whose driver waits for
@@ -1046,7 +1040,7 @@ static void push_res_table(lua_State *L, const mg_hook_response_t *r) {
   lua_setmetatable(L, -2);
 }
 
-static void mg_hooks_run_response_unguarded(mg_request_t *req, mg_hook_response_t *resp) {
+void mg_hooks_run_response(mg_request_t *req, mg_hook_response_t *resp) {
   hookrun_t *h = hookrun_get(req);
   if (!h || hookrun_ready(h) != 0) {
     mg_request_error(req, MG_HTTP_E_INTERNAL);
@@ -1065,13 +1059,7 @@ static void mg_hooks_run_response_unguarded(mg_request_t *req, mg_hook_response_
   step_go(h, MG_HOOK_RESPONSE);
 }
 
-void mg_hooks_run_response(mg_request_t *req, mg_hook_response_t *resp) {
-  int headroom = mg_lua_vm_headroom(H.vm, 1);   /* C-side pushes may not abort */
-  mg_hooks_run_response_unguarded(req, resp);
-  mg_lua_vm_headroom(H.vm, headroom);
-}
-
-static void mg_hooks_body_ready_unguarded(mg_request_t *req, const char *data, size_t len) {
+void mg_hooks_body_ready(mg_request_t *req, const char *data, size_t len) {
   hookrun_t *h = hookrun_of(req);
   if (!h || !h->resp_body_waiting) return;
   h->resp_body_waiting = 0;
@@ -1089,13 +1077,7 @@ static void mg_hooks_body_ready_unguarded(mg_request_t *req, const char *data, s
   mg_task_wake(&h->task, 1);
 }
 
-void mg_hooks_body_ready(mg_request_t *req, const char *data, size_t len) {
-  int headroom = mg_lua_vm_headroom(H.vm, 1);   /* C-side pushes may not abort */
-  mg_hooks_body_ready_unguarded(req, data, len);
-  mg_lua_vm_headroom(H.vm, headroom);
-}
-
-static int mg_hooks_response_head_unguarded(mg_request_t *req, mg_buf_t *out) {
+int mg_hooks_response_head(mg_request_t *req, mg_buf_t *out) {
   hookrun_t *h = hookrun_of(req);
   if (h->resp_replaced) {
     mg_buf_append(out, h->resp_head.data, h->resp_head.len);
@@ -1130,13 +1112,6 @@ static int mg_hooks_response_head_unguarded(mg_request_t *req, mg_buf_t *out) {
   return status;
 }
 
-int mg_hooks_response_head(mg_request_t *req, mg_buf_t *out) {
-  int headroom = mg_lua_vm_headroom(H.vm, 1);   /* C-side pushes may not abort */
-  int rc = mg_hooks_response_head_unguarded(req, out);
-  mg_lua_vm_headroom(H.vm, headroom);
-  return rc;
-}
-
 int mg_hooks_response_body(mg_request_t *req, const char **data, size_t *len) {
   hookrun_t *h = hookrun_of(req);
   if (!h || !h->resp_body_known) return 0;
@@ -1150,7 +1125,7 @@ int mg_hooks_has_filters(mg_request_t *req) {
   return h && h->nfilters > 0 && h->task.run;
 }
 
-static int mg_hooks_filter_unguarded(mg_request_t *req, const char *data, size_t len, int eof, mg_buf_t *out) {
+int mg_hooks_filter(mg_request_t *req, const char *data, size_t len, int eof, mg_buf_t *out) {
   hookrun_t *h = hookrun_of(req);
   lua_State *co = mg_lua_run_thread(h->task.run);
   lua_rawgeti(co, LUA_REGISTRYINDEX, H.run_filters);
@@ -1183,13 +1158,6 @@ static int mg_hooks_filter_unguarded(mg_request_t *req, const char *data, size_t
   hookrun_drop_run(h);
   h->nfilters = 0;
   return -1;
-}
-
-int mg_hooks_filter(mg_request_t *req, const char *data, size_t len, int eof, mg_buf_t *out) {
-  int headroom = mg_lua_vm_headroom(H.vm, 1);   /* C-side pushes may not abort */
-  int rc = mg_hooks_filter_unguarded(req, data, len, eof, out);
-  mg_lua_vm_headroom(H.vm, headroom);
-  return rc;
 }
 
 /* ---- finishing a step --------------------------------------------------------------------- */
@@ -1308,7 +1276,7 @@ static void step_finished(hookrun_t *h, mg_lua_status_t st) {
 
 /* ---- the request phases ----------------------------------------------------------------- */
 
-static void mg_hooks_run_unguarded(mg_request_t *req, int hook) {
+void mg_hooks_run(mg_request_t *req, int hook) {
   hookrun_t *h = hookrun_get(req);
   if (!h || hookrun_ready(h) != 0) {
     mg_request_error(req, MG_HTTP_E_INTERNAL);
@@ -1324,12 +1292,6 @@ static void mg_hooks_run_unguarded(mg_request_t *req, int hook) {
     push_list_step(h, hook == MG_HOOK_REQUEST ? "request" : "access", -1);
   }
   step_go(h, hook);
-}
-
-void mg_hooks_run(mg_request_t *req, int hook) {
-  int headroom = mg_lua_vm_headroom(H.vm, 1);   /* C-side pushes may not abort */
-  mg_hooks_run_unguarded(req, hook);
-  mg_lua_vm_headroom(H.vm, headroom);
 }
 
 const mg_header_edit_t *mg_hooks_header_edits(const mg_request_t *req, size_t *n) {
@@ -1391,7 +1353,7 @@ static void snapshot_req(lua_State *L, int t, mg_request_t *req) {
   }
 }
 
-static void mg_hooks_run_log_unguarded(mg_request_t *req) {
+void mg_hooks_run_log(mg_request_t *req) {
   if (!req->route || !req->gen || !(req->route->hooks & MG_HOOK_BIT(MG_HOOK_LOG))) return;
   hookrun_t *h = hookrun_get(req);
   if (!h || hookrun_ready(h) != 0) return;
@@ -1437,12 +1399,6 @@ static void mg_hooks_run_log_unguarded(mg_request_t *req) {
   mg_lua_status_t st = mg_lua_vm_resume(lt->task.run, 3);
   mg_task_enter(prev);
   log_resumed(&lt->task, st);
-}
-
-void mg_hooks_run_log(mg_request_t *req) {
-  int headroom = mg_lua_vm_headroom(H.vm, 1);   /* C-side pushes may not abort */
-  mg_hooks_run_log_unguarded(req);
-  mg_lua_vm_headroom(H.vm, headroom);
 }
 
 /* ---- freeing -------------------------------------------------------------------------------- */

@@ -25,7 +25,11 @@ struct mg_lua_vm_s {
   size_t mem_limit;   /* 0: no cap */
   size_t used;        /* bytes handed out by on_alloc */
   int own_alloc;      /* 1: lua_newstate took on_alloc; 0: the luaL_newstate fallback */
-  int reserve;        /* 1 while error reporting may go MG_LUA_MEM_RESERVE over the cap */
+  int reserve;        /* 1 while allocations may go MG_LUA_MEM_RESERVE over the cap: always,
+                         except while a run is resumed (scripts meet the cap itself), so C
+                         code that pushes values outside a protected call (the next hook's
+                         arguments, an operation's results) or reports an error cannot fail
+                         an allocation and abort when a script left the VM near its cap */
   uint64_t max_insns; /* per resume; 0: no limit */
   uint64_t max_us;    /* per resume; 0: no limit */
   int base_ref;       /* the shared base table (also the threads' globals) */
@@ -354,6 +358,7 @@ mg_lua_vm_t *mg_lua_vm_new(size_t mem_limit, char *err, size_t errlen) {
     return NULL;
   }
   lua_sethook(vm->L, on_hook, LUA_MASKCOUNT, MG_LUA_HOOK_STEP);
+  vm->reserve = 1;                          /* see the struct: off only while a run runs */
   return vm;
 }
 
@@ -491,9 +496,10 @@ static void record_failure(mg_lua_run_t *run, int rc) {
   free(run->traceback);
   run->error = dup_str(msg, strlen(msg));
   run->traceback = NULL;
+  int reserve = run->vm->reserve;
   run->vm->reserve = 1;
   if (lua_cpcall(run->vm->L, traceback_cb, run) != 0) lua_pop(run->vm->L, 1);
-  run->vm->reserve = 0;
+  run->vm->reserve = reserve;
   run->state = RUN_FAILED;
 }
 
@@ -654,11 +660,6 @@ int mg_lua_vm_load_trusted(mg_lua_vm_t *vm, const char *chunkname, const char *c
   return vm_load(vm, chunkname, code, len, 1, err, errlen);
 }
 
-void mg_lua_vm_push_ref(mg_lua_vm_t *vm, lua_State *L, int ref) {
-  (void)vm;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, ref); /* every thread of the state shares the registry */
-}
-
 /* ---- opening the sandbox (lua { allow = ... }) ------------------------------------------ */
 
 static int allow_cb(lua_State *L) {
@@ -702,10 +703,4 @@ int mg_lua_vm_allow(mg_lua_vm_t *vm, unsigned what) {
     return -1;
   }
   return 0;
-}
-
-int mg_lua_vm_headroom(mg_lua_vm_t *vm, int on) {
-  int prev = vm->reserve;
-  vm->reserve = on;
-  return prev;
 }

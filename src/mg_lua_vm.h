@@ -103,9 +103,6 @@ int mg_lua_vm_load(mg_lua_vm_t *vm, const char *chunkname, const char *code, siz
 int mg_lua_vm_load_trusted(mg_lua_vm_t *vm, const char *chunkname, const char *code,
                            size_t len, char *err, size_t errlen);
 
-/* Pushes the registry value REF onto L (the main state or a run's thread). */
-void mg_lua_vm_push_ref(mg_lua_vm_t *vm, lua_State *L, int ref);
-
 /* Pushes the light userdata that an I/O wait yields (see mg_task.h). The sandbox's
  * coroutine.resume/wrap pass a yield of this value up to the enclosing coroutine. */
 void mg_lua_vm_push_io_marker(lua_State *L);
@@ -122,12 +119,6 @@ enum {
 
 /* Opens what WHAT names (MG_LUA_ALLOW_* bits) to every user chunk. Returns 0 or -1. */
 int mg_lua_vm_allow(mg_lua_vm_t *vm, unsigned what);
-
-/* While ON, allocations may use MG_LUA_MEM_RESERVE bytes above the cap: for C code that
- * pushes values outside a protected call (a failed allocation there would abort), e.g. the
- * arguments of the next hook when a script left the VM near its cap. Runs always meet the
- * cap itself. Returns the previous setting, to restore. */
-int mg_lua_vm_headroom(mg_lua_vm_t *vm, int on);
 
 /* Releases a reference returned by mg_lua_vm_load. */
 void mg_lua_vm_unref(mg_lua_vm_t *vm, int ref);

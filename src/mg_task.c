@@ -33,8 +33,6 @@ mg_task_t *mg_task_check(lua_State *L, const char *fname, unsigned allowed) {
   return t;
 }
 
-void mg_task_push_io_marker(lua_State *L) { mg_lua_vm_push_io_marker(L); }
-
 int mg_task_is_io_yield(lua_State *co, int nvalues) {
   if (nvalues != 1 || lua_type(co, -1) != LUA_TLIGHTUSERDATA) return 0;
   mg_lua_vm_push_io_marker(co);

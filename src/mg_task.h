@@ -83,9 +83,6 @@ void mg_task_cancel(mg_task_t *t);
  * wait made by mg_task_wait. */
 int mg_task_is_io_yield(lua_State *co, int nvalues);
 
-/* Pushes the marker that an I/O wait yields. */
-void mg_task_push_io_marker(lua_State *L);
-
 /* Sets the task that mg_task_current returns while the owner resumes it directly. Returns the
  * previous one, to restore afterwards. */
 mg_task_t *mg_task_enter(mg_task_t *t);

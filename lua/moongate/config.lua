@@ -1543,7 +1543,7 @@ local function read_source(st, path)
   return src
 end
 
--- Records an error raised while the file loads or runs: Lua puts "\1config:LINE: " in front
+-- Records an error raised while the file loads or runs: Lua puts "<st.short>:LINE: " in front
 -- of messages that come with a position; others get the line the file was running.
 local function runtime_error(st, e)
   local line, msg

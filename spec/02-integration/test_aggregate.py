@@ -3,6 +3,7 @@ three real backends in parallel and answers one JSON document, the partial-resul
 deadlines, and the keep-alive pools they share with the proxy."""
 
 import json
+import threading
 import time
 
 from mgtest import Upstream, http_response, request
@@ -77,14 +78,34 @@ def test_three_backends_in_one_document():
 
 
 def test_calls_run_in_parallel():
-    up = json_backend(BACKENDS, delays={"/users/7": 0.4, "/orders": 0.4, "/reviews/7": 0.25})
-    g = hook_gateway(three(up))
-    t0 = time.monotonic()
-    r = get(g, "/summary/7")
-    elapsed = time.monotonic() - t0
+    # Each backend call waits until all three have arrived (up to 5 s): in series the first
+    # would never see the others and the reviews call (0.3 s timeout) would fail. No timing
+    # bound on the client side.
+    arrived = threading.Semaphore(0)
+    lock = threading.Lock()
+    seen = {"n": 0}
+
+    def handler(conn):
+        while True:
+            req = conn.read_request(timeout=30)
+            if req is None:
+                return
+            with lock:
+                seen["n"] += 1
+                if seen["n"] == 3:
+                    for _ in range(3):
+                        arrived.release()
+            together = arrived.acquire(timeout=5)
+            path = req.target.split("?")[0]
+            body = json.dumps({"together": together, "path": path}).encode()
+            conn.send(http_response(200, body, {"Content-Type": "application/json"}))
+
+    up = Upstream(handler)
+    g = hook_gateway(three(up).replace("timeout = 0.3", "timeout = 3"))
+    r = get(g, "/summary/7", timeout=10)
     assert r.status == 200 and r.header("x-moongate-completed") == "true", r
-    # In series this takes 1.05 s; in parallel about 0.4 s (bound loosely: shared machines).
-    assert elapsed < 0.95, elapsed
+    doc = r.json()
+    assert [doc[k]["together"] for k in ("user", "orders", "reviews")] == [True] * 3, doc
 
 
 def test_a_slow_backend_gives_a_partial_answer():
