@@ -36,12 +36,12 @@ typedef struct header_off {
 } header_off_t;
 
 struct mg_fetch {
+  /* Everything up to `timer` starts zeroed for each exchange. */
   mg_upstream_t *up;
   mg_worker_t *w;
   adhoc_t *adhoc;                 /* the cache entry UP belongs to (a reference), or NULL */
   mg_target_t *target;            /* the target of the current (or last) attempt */
   mg_upconn_t *uc;                /* the connection of the current attempt, or NULL */
-  uv_timer_t timer;               /* the deadline; then the deferred delivery */
   mg_fetch_cb cb;
   void *data;
   uint64_t timeout_ms;
@@ -67,15 +67,27 @@ struct mg_fetch {
                                      trailers, dropped) */
   unsigned complete : 1;          /* the final response is complete */
   size_t pre_len;                 /* req[0, pre_len) is the request line */
+  uint32_t cur_name, cur_value;   /* offsets in hbuf of the field being parsed */
+  const char *parse_base;         /* the buffer being parsed and the byte before it */
+  char last_byte;
+  /* Kept when a finished exchange waits in the spares for the next one: the timer stays
+   * initialised, the buffers keep their memory (emptied). */
+  uv_timer_t timer;               /* the deadline; then the deferred delivery */
   mg_buf_t req;                   /* request line, then the fields after Host and the body */
   mg_buf_t out;                   /* the request as written on the current attempt */
   mg_buf_t hbuf;                  /* response header names and values, NUL-terminated */
   mg_buf_t hoffs;                 /* header_off_t per response field */
   mg_buf_t body;
-  uint32_t cur_name, cur_value;   /* offsets in hbuf of the field being parsed */
-  const char *parse_base;         /* the buffer being parsed and the byte before it */
-  char last_byte;
+  mg_fetch_t *next_spare;
 };
+
+/* Finished exchanges kept for reuse, per process (a worker is one process): starting a fetch
+ * then costs no allocation, and no timer set-up. At most SPARES_MAX are kept, and only
+ * buffers of at most SPARE_BUF_MAX bytes. */
+#define SPARES_MAX 256
+#define SPARE_BUF_MAX 16384
+static mg_fetch_t *spares;
+static size_t nspares;
 
 static llhttp_settings_t settings;
 static int settings_ready;
@@ -521,10 +533,27 @@ static void fetch_connect(mg_fetch_t *f) {
  * Starting and freeing.
  * ---------------------------------------------------------------------------------------- */
 
+/* A fetch for worker W: a spare one of W's loop, emptied, or a new one. */
+static mg_fetch_t *fetch_new(mg_worker_t *w) {
+  mg_fetch_t **pp = &spares;
+  while (*pp && (*pp)->w != w) pp = &(*pp)->next_spare;
+  mg_fetch_t *f = *pp;
+  if (f) {
+    *pp = f->next_spare;
+    nspares--;
+    memset(f, 0, offsetof(mg_fetch_t, timer));
+    f->next_spare = NULL;
+    return f;
+  }
+  f = calloc(1, sizeof *f);
+  if (f) uv_timer_init(&w->loop, &f->timer);
+  return f;
+}
+
 mg_fetch_t *mg_fetch_start(mg_upstream_t *up, const mg_fetch_req_t *r, mg_fetch_cb cb,
                            void *data) {
   settings_init();
-  mg_fetch_t *f = calloc(1, sizeof *f);
+  mg_fetch_t *f = fetch_new(up->w);
   if (!f) return NULL;
   f->up = up;
   f->w = up->w;
@@ -533,7 +562,6 @@ mg_fetch_t *mg_fetch_start(mg_upstream_t *up, const mg_fetch_req_t *r, mg_fetch_
   f->max_body = r->max_body ? r->max_body : MG_FETCH_DEFAULT_MAX_BODY;
   f->timeout_ms = r->timeout_ms ? r->timeout_ms : mg_ms(up->conf->read_timeout);
   if (!f->timeout_ms) f->timeout_ms = MG_FETCH_DEFAULT_TIMEOUT_MS;
-  uv_timer_init(&f->w->loop, &f->timer);
   f->in_start = 1;
   uv_timer_start(&f->timer, on_deadline, f->timeout_ms, 0);
   if (mg_fetch_check_req(r, NULL, 0) != 0) fetch_end(f, MG_FETCH_E_INVALID);
@@ -545,17 +573,38 @@ mg_fetch_t *mg_fetch_start(mg_upstream_t *up, const mg_fetch_req_t *r, mg_fetch_
 
 static void on_timer_closed(uv_handle_t *h) { free(container_of(h, mg_fetch_t, timer)); }
 
-void mg_fetch_cancel(mg_fetch_t *f) {
-  if (!f) return;
-  drop_conn(f, 0);                           /* still running: never pooled */
+static void buf_empty(mg_buf_t *b) {
+  if (b->cap > SPARE_BUF_MAX) mg_buf_dispose(b);
+  else b->len = 0;
+}
+
+static void fetch_destroy(mg_fetch_t *f) {
   mg_buf_dispose(&f->req);
   mg_buf_dispose(&f->out);
   mg_buf_dispose(&f->hbuf);
   mg_buf_dispose(&f->hoffs);
   mg_buf_dispose(&f->body);
+  uv_close((uv_handle_t *)&f->timer, on_timer_closed);
+}
+
+void mg_fetch_cancel(mg_fetch_t *f) {
+  if (!f) return;
+  drop_conn(f, 0);                           /* still running: never pooled */
   if (f->adhoc) adhoc_release(f->adhoc);
   f->adhoc = NULL;
-  uv_close((uv_handle_t *)&f->timer, on_timer_closed);
+  if (nspares >= SPARES_MAX || f->w->stopping || uv_is_closing((uv_handle_t *)&f->timer)) {
+    fetch_destroy(f);
+    return;
+  }
+  uv_timer_stop(&f->timer);
+  buf_empty(&f->req);
+  buf_empty(&f->out);
+  buf_empty(&f->hbuf);
+  buf_empty(&f->hoffs);
+  buf_empty(&f->body);
+  f->next_spare = spares;
+  spares = f;
+  nspares++;
 }
 
 void mg_fetch_free(mg_fetch_t *f) { mg_fetch_cancel(f); }
@@ -734,6 +783,17 @@ mg_fetch_t *mg_fetch_start_url(mg_worker_t *w, const char *host, int port,
 }
 
 void mg_fetch_cache_free(mg_worker_t *w) {
+  mg_fetch_t **pp = &spares;
+  while (*pp) {
+    mg_fetch_t *f = *pp;
+    if (f->w == w) {
+      *pp = f->next_spare;
+      nspares--;
+      fetch_destroy(f);
+    } else {
+      pp = &f->next_spare;
+    }
+  }
   adhoc_t *a = cache;
   while (a) {
     adhoc_t *next = a->next;

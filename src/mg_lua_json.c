@@ -26,6 +26,7 @@
 /* Registry keys and the null sentinel: the addresses are what matter, never the contents. */
 static const char array_mt_key;
 static const char guard_mt_key;
+static const char raw_mt_key;
 static const char null_sentinel;
 
 /* 2^53: every integer up to here is exact as a double, so it can print as an integer. */
@@ -97,6 +98,13 @@ static size_t utf8_check(const unsigned char *s, size_t len) {
     unsigned c = s[i];
     if (c < 0x80) {
       i++;
+      /* ASCII runs, eight bytes at a time. */
+      while (len - i >= 8) {
+        uint64_t w;
+        memcpy(&w, s + i, 8);
+        if (w & 0x8080808080808080ull) break;
+        i += 8;
+      }
       continue;
     }
     size_t need;
@@ -259,6 +267,7 @@ static int encode_table(encoder_t *e, int t) {
 }
 
 static int is_bigint(lua_State *L, int idx, const char **s, size_t *len);
+static int is_raw(lua_State *L, int idx, const char **s, size_t *len);
 
 /* IDX is absolute. On failure the stack may hold leftovers; the caller resets it. */
 static int encode_value(encoder_t *e, int idx) {
@@ -280,7 +289,10 @@ static int encode_value(encoder_t *e, int idx) {
   case LUA_TUSERDATA: {
     const char *s;
     size_t len;
-    if (is_bigint(L, idx, &s, &len)) return gen_ok(e, yajl_gen_number(e->gen, s, len));
+    /* yajl_gen_number writes its text as it is, with the separator the position needs:
+     * what both a bigint's digits and a raw value's checked JSON text want. */
+    if (is_bigint(L, idx, &s, &len) || is_raw(L, idx, &s, &len))
+      return gen_ok(e, yajl_gen_number(e->gen, s, len));
   }
   /* fall through */
   default:
@@ -526,20 +538,23 @@ static const yajl_callbacks decode_callbacks = {
   .yajl_end_array = on_end,
 };
 
-/* Pushes "parse error at byte N: MSG" from yajl's message, without its "parse error: " or
- * "lexical error: " prefix and trailing newline. */
-static void push_parse_error(lua_State *L, yajl_handle h, const char *text, size_t len,
-                             size_t pos) {
+/* Writes "parse error at byte POS: MSG" into OUT: MSG is WHY when a callback stopped the
+ * parse, else yajl's message without its "parse error: " or "lexical error: " prefix and
+ * trailing newline. Raises nothing, so callers may hold a yajl handle across it. */
+static void format_parse_error(yajl_handle h, const char *text, size_t len, size_t pos,
+                               const char *why, char *out, size_t size) {
+  if (why) {
+    snprintf(out, size, "parse error at byte %zu: %s", pos, why);
+    return;
+  }
   unsigned char *raw = yajl_get_error(h, 0, (const unsigned char *)text, len);
   const char *msg = raw ? (const char *)raw : "invalid JSON";
   const char *colon = strstr(msg, "error: ");
   if (colon) msg = colon + 7;
-  size_t mlen = strlen(msg);
+  int mlen = (int)strlen(msg);
   while (mlen && (msg[mlen - 1] == '\n' || msg[mlen - 1] == ' ')) mlen--;
-  lua_pushfstring(L, "parse error at byte %d: ", (int)pos);
-  lua_pushlstring(L, msg, mlen);
+  snprintf(out, size, "parse error at byte %zu: %.*s", pos, mlen, msg);
   if (raw) yajl_free_error(h, raw);
-  lua_concat(L, 2);
 }
 
 /* json.decode(text) -> value, or nil, "parse error at byte N: ..." for text that is not JSON.
@@ -547,7 +562,8 @@ static void push_parse_error(lua_State *L, yajl_handle h, const char *text, size
  * ended too early). */
 static int l_decode(lua_State *L) {
   size_t len;
-  const char *text = luaL_checklstring(L, 1, &len);
+  const char *text;
+  if (!is_raw(L, 1, &text, &len)) text = luaL_checklstring(L, 1, &len);
   lua_settop(L, 1);
   if (!lua_checkstack(L, STACK_NEED)) return luaL_error(L, "stack overflow");
   push_array_mt(L);
@@ -571,15 +587,152 @@ static int l_decode(lua_State *L) {
     g->parser = NULL;
     return 1;
   }
-  lua_settop(L, base);
-  lua_pushnil(L);
-  if (d.abort)
-    lua_pushfstring(L, "parse error at byte %d: %s", (int)pos, d.abort);
-  else
-    push_parse_error(L, g->parser, text, len, pos);
+  char msg[200];
+  format_parse_error(g->parser, text, len, pos, d.abort, msg, sizeof msg);
   yajl_free(g->parser);
   g->parser = NULL;
+  lua_settop(L, base);
+  lua_pushnil(L);
+  lua_pushstring(L, msg);
   return 2;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Raw JSON
+ *
+ * json.raw(text) checks that TEXT is one JSON document that decode would accept (the same
+ * parser and limits: nesting, numbers, UTF-8) and returns a value that encode writes as that
+ * text, unchanged, wherever it sits. An aggregation endpoint that passes a backend's document
+ * through so skips building Lua tables only to write them out again; the text is checked
+ * anyway, so the answer is JSON whatever the backend sent.
+ * ---------------------------------------------------------------------------------------- */
+
+typedef struct checker {
+  int depth;
+  const char *abort;
+} checker_t;
+
+static int check_open(void *ctx) {
+  checker_t *c = ctx;
+  if (c->depth == MG_JSON_MAX_DEPTH) {
+    c->abort = "nesting deeper than 100";
+    return 0;
+  }
+  c->depth++;
+  return 1;
+}
+
+static int check_close(void *ctx) {
+  ((checker_t *)ctx)->depth--;
+  return 1;
+}
+
+/* Refuses what decode refuses: a number with a fraction or exponent that does not fit a
+ * double. (Integers of any length are fine: decode keeps long ones as bigints.) */
+static int check_number(void *ctx, const char *s, size_t len) {
+  if (plain_integer(s, len)) return 1;
+  int has_exp = 0;
+  for (size_t i = 0; i < len; i++)
+    if (s[i] == 'e' || s[i] == 'E') has_exp = 1;
+  if (!has_exp && len < 300) return 1; /* at most 299 digits: below DBL_MAX (~1.8e308) */
+  char small[64];
+  char *buf = len < sizeof small ? small : malloc(len + 1);
+  if (!buf) {
+    ((checker_t *)ctx)->abort = "out of memory";
+    return 0;
+  }
+  memcpy(buf, s, len);
+  buf[len] = '\0';
+  double v = strtod(buf, NULL);
+  if (buf != small) free(buf);
+  if (isinf(v)) {
+    ((checker_t *)ctx)->abort = "number out of range";
+    return 0;
+  }
+  return 1;
+}
+
+static const yajl_callbacks check_callbacks = {
+  .yajl_number = check_number,
+  .yajl_start_map = check_open,
+  .yajl_end_map = check_close,
+  .yajl_start_array = check_open,
+  .yajl_end_array = check_close,
+};
+
+static int raw_tostring(lua_State *L) {
+  lua_pushlstring(L, lua_touserdata(L, 1), lua_objlen(L, 1));
+  return 1;
+}
+
+static void push_raw_mt(lua_State *L) {
+  lua_pushlightuserdata(L, (void *)&raw_mt_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  if (!lua_isnil(L, -1)) return;
+  lua_pop(L, 1);
+  lua_createtable(L, 0, 2);
+  lua_pushcfunction(L, raw_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pushliteral(L, "raw json");
+  lua_setfield(L, -2, "__metatable");
+  lua_pushlightuserdata(L, (void *)&raw_mt_key);
+  lua_pushvalue(L, -2);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+/* Whether the value at IDX is a raw JSON value; if so sets *S and *LEN to its text. */
+static int is_raw(lua_State *L, int idx, const char **s, size_t *len) {
+  if (lua_type(L, idx) != LUA_TUSERDATA || !lua_getmetatable(L, idx)) return 0;
+  lua_pushlightuserdata(L, (void *)&raw_mt_key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  int same = lua_rawequal(L, -1, -2);
+  lua_pop(L, 2);
+  if (!same) return 0;
+  *s = lua_touserdata(L, idx);
+  *len = lua_objlen(L, idx);
+  return 1;
+}
+
+static int is_json_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
+/* json.raw(text) -> a raw JSON value, or nil, "parse error at byte N: ..." as decode says it.
+ * A raw value given to json.raw comes back as it is. */
+static int l_raw(lua_State *L) {
+  size_t len;
+  const char *text;
+  if (is_raw(L, 1, &text, &len)) {
+    lua_settop(L, 1);
+    return 1;
+  }
+  text = luaL_checklstring(L, 1, &len);
+  /* Nothing below raises between yajl_alloc and yajl_free: the callbacks touch no Lua. */
+  checker_t c = {0};
+  yajl_handle h = yajl_alloc(&check_callbacks, NULL, &c);
+  if (!h) return luaL_error(L, "out of memory");
+  size_t pos;
+  yajl_status st = yajl_parse(h, (const unsigned char *)text, len);
+  if (st != yajl_status_ok) {
+    pos = yajl_get_bytes_consumed(h);
+  } else {
+    st = yajl_complete_parse(h);
+    pos = len;
+  }
+  if (st != yajl_status_ok) {
+    char msg[200];
+    format_parse_error(h, text, len, pos, c.abort, msg, sizeof msg);
+    yajl_free(h);
+    lua_pushnil(L);
+    lua_pushstring(L, msg);
+    return 2;
+  }
+  yajl_free(h);
+  while (len && is_json_space(text[len - 1])) len--;
+  while (len && is_json_space(*text)) text++, len--;
+  char *copy = lua_newuserdata(L, len);
+  memcpy(copy, text, len);
+  push_raw_mt(L);
+  lua_setmetatable(L, -2);
+  return 1;
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -609,6 +762,7 @@ int luaopen_mg_json(lua_State *L) {
     {"encode", l_encode},
     {"decode", l_decode},
     {"array", l_array},
+    {"raw", l_raw},
     {NULL, NULL},
   };
   lua_pushlightuserdata(L, (void *)&guard_mt_key);
@@ -623,7 +777,7 @@ int luaopen_mg_json(lua_State *L) {
   }
   lua_pop(L, 1);
 
-  lua_createtable(L, 0, 5);
+  lua_createtable(L, 0, 6);
   luaL_register(L, NULL, funcs);
   mg_json_push_null(L);
   lua_setfield(L, -2, "null");

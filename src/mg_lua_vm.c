@@ -20,8 +20,24 @@
 #include "mg_lua_crypto.h"
 #include "mg_lua_json.h"
 
+/* The VM's small blocks are kept for reuse in free lists, one per 16-byte size class up to
+ * SMALL_MAX: a request makes and drops a few hundred small objects (strings, tables, their
+ * parts), and glibc's per-thread cache holds only seven of a size before each free takes its
+ * slow path. What the lists hold is bounded by SMALL_KEEP and is not charged to the cap (it
+ * is memory no script can reach). */
+#define SMALL_STEP 16
+#define SMALL_MAX 512
+#define SMALL_CLASSES (SMALL_MAX / SMALL_STEP)
+#define SMALL_KEEP (1u << 20) /* bytes kept in the lists at most */
+
+typedef struct small_block {
+  struct small_block *next;
+} small_block_t;
+
 struct mg_lua_vm_s {
   lua_State *L;
+  small_block_t *small[SMALL_CLASSES]; /* free blocks of (class + 1) * SMALL_STEP bytes */
+  size_t small_kept;                   /* bytes in those lists */
   size_t mem_limit;   /* 0: no cap */
   size_t used;        /* bytes handed out by on_alloc */
   int own_alloc;      /* 1: lua_newstate took on_alloc; 0: the luaL_newstate fallback */
@@ -112,11 +128,52 @@ static void set_err(char *err, size_t errlen, const char *fmt, ...) {
 /* ---- allocator and budget hook ------------------------------------------------------- */
 
 /* Grows refuse past the cap; shrinks and frees always succeed (Lua requires it). */
+/* The size class of a small block of N (1..SMALL_MAX) bytes. */
+static unsigned small_class(size_t n) { return (unsigned)((n - 1) / SMALL_STEP); }
+
+static void *small_get(mg_lua_vm_t *vm, size_t n) {
+  unsigned c = small_class(n);
+  small_block_t *b = vm->small[c];
+  if (b == NULL) return malloc((size_t)(c + 1) * SMALL_STEP);
+  vm->small[c] = b->next;
+  vm->small_kept -= (size_t)(c + 1) * SMALL_STEP;
+  return b;
+}
+
+static void small_put(mg_lua_vm_t *vm, void *p, size_t n) {
+  unsigned c = small_class(n);
+  size_t size = (size_t)(c + 1) * SMALL_STEP;
+  if (vm->small_kept + size > SMALL_KEEP) {
+    free(p);
+    return;
+  }
+  small_block_t *b = p;
+  b->next = vm->small[c];
+  vm->small[c] = b;
+  vm->small_kept += size;
+}
+
+static void small_drain(mg_lua_vm_t *vm) {
+  for (unsigned c = 0; c < SMALL_CLASSES; c++) {
+    while (vm->small[c]) {
+      small_block_t *b = vm->small[c];
+      vm->small[c] = b->next;
+      free(b);
+    }
+  }
+  vm->small_kept = 0;
+}
+
+/* Lua's allocator: OSIZE is the size the block was asked for (Lua always knows it), so a
+ * small block's class follows from it; larger blocks go to glibc as they are. */
 static void *on_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   mg_lua_vm_t *vm = ud;
   if (ptr == NULL) osize = 0;
   if (nsize == 0) {
-    free(ptr);
+    if (ptr) {
+      if (osize <= SMALL_MAX) small_put(vm, ptr, osize);
+      else free(ptr);
+    }
     vm->used -= osize;
     return NULL;
   }
@@ -124,8 +181,21 @@ static void *on_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     size_t limit = vm->mem_limit + (vm->reserve ? MG_LUA_MEM_RESERVE : 0);
     if (vm->used - osize + nsize > limit) return NULL;
   }
-  void *p = realloc(ptr, nsize);
-  if (p == NULL) return NULL;
+  void *p;
+  if (ptr && osize > SMALL_MAX && nsize > SMALL_MAX) {
+    p = realloc(ptr, nsize);
+    if (p == NULL) return NULL;
+  } else if (ptr && small_class(osize) == small_class(nsize) && nsize <= SMALL_MAX) {
+    p = ptr; /* the block already has room */
+  } else {
+    p = nsize <= SMALL_MAX ? small_get(vm, nsize) : malloc(nsize);
+    if (p == NULL) return NULL;
+    if (ptr) {
+      memcpy(p, ptr, osize < nsize ? osize : nsize);
+      if (osize <= SMALL_MAX) small_put(vm, ptr, osize);
+      else free(ptr);
+    }
+  }
   vm->used = vm->used - osize + nsize;
   return p;
 }
@@ -354,6 +424,7 @@ mg_lua_vm_t *mg_lua_vm_new(size_t mem_limit, char *err, size_t errlen) {
   if (lua_cpcall(vm->L, setup_cb, vm) != 0) {
     set_err(err, errlen, "cannot set up the Lua sandbox: %s", lua_tostring(vm->L, -1));
     lua_close(vm->L);
+    small_drain(vm);
     free(vm);
     return NULL;
   }
@@ -365,6 +436,7 @@ mg_lua_vm_t *mg_lua_vm_new(size_t mem_limit, char *err, size_t errlen) {
 void mg_lua_vm_free(mg_lua_vm_t *vm) {
   if (vm == NULL) return;
   lua_close(vm->L);
+  small_drain(vm);
   free(vm);
 }
 

@@ -124,7 +124,7 @@ local floor = math.floor
 local format, find, sub = string.format, string.find, string.sub
 
 local json = mg.json
-local null, array_mt = json.null, json.array_mt
+local null, array_mt, raw = json.null, json.array_mt, json.raw
 
 local MAX_EXACT = 2 ^ 53
 
@@ -459,9 +459,15 @@ local function spec_error(fmt, ...)
   error(setmetatable({ "mg.aggregate: " .. format(fmt, ...) }, spec_mistake), 0)
 end
 
-local function check_timeout(v, where)
+-- "call #I: ", the start of a mistake's message (made only when there is one).
+local function at(i)
+  return format("call #%d: ", i)
+end
+
+-- Checks a timeout: the spec's (I nil) or call #I's.
+local function check_timeout(v, i)
   if v ~= nil and (type(v) ~= "number" or not (v > 0)) then
-    spec_error("%stimeout must be a positive number of seconds, got %s", where, kind(v))
+    spec_error("%stimeout must be a positive number of seconds, got %s", i and at(i) or "", kind(v))
   end
 end
 
@@ -474,7 +480,7 @@ local function check_spec(spec)
       spec_error("unknown field %s in the spec", tostring(k))
     end
   end
-  check_timeout(spec.timeout, "")
+  check_timeout(spec.timeout)
   local mode = spec.merge
   if mode ~= nil and mode ~= "nest" and mode ~= "merge" then
     spec_error('merge must be "nest" or "merge", got %s', type(mode) == "string"
@@ -484,42 +490,41 @@ local function check_spec(spec)
   for i = 1, ncalls do
     local c = spec[i]
     if type(c) ~= "table" then spec_error("call #%d must be a table, got %s", i, kind(c)) end
-    local where = format("call #%d: ", i)
     local target = c[1]
     if type(target) ~= "string" or target == "" then
       spec_error("%sthe target (first element) must be a non-empty string, got %s",
-                 where, kind(target))
+                 at(i), kind(target))
     end
     local p = c[2]
     if p ~= nil and type(p) ~= "string" and type(p) ~= "table" then
       spec_error("%sthe path (second element) must be a string or a table, got %s",
-                 where, kind(p))
+                 at(i), kind(p))
     end
     for k in pairs(c) do
       if not (k == 1 or k == 2 or CALL_FIELDS[k]) then
-        spec_error("%sunknown field %s", where, type(k) == "string" and k or tostring(k))
+        spec_error("%sunknown field %s", at(i), type(k) == "string" and k or tostring(k))
       end
     end
     local key = c.key
     if key == nil then
       -- A URL (or anything with a slash or colon) makes a poor key: ask for one.
       if find(target, "[/:]") then
-        spec_error("%sa key is needed (the target is not an upstream name)", where)
+        spec_error("%sa key is needed (the target is not an upstream name)", at(i))
       end
       key = target
     elseif type(key) ~= "string" or key == "" then
-      spec_error("%skey must be a non-empty string, got %s", where, kind(key))
+      spec_error("%skey must be a non-empty string, got %s", at(i), kind(key))
     end
-    if key == "_errors" then spec_error("%sthe key \"_errors\" is reserved", where) end
-    if seen[key] then spec_error('%sthe key "%s" is used twice', where, key) end
+    if key == "_errors" then spec_error("%sthe key \"_errors\" is reserved", at(i)) end
+    if seen[key] then spec_error('%sthe key "%s" is used twice', at(i), key) end
     seen[key] = true
     keys[i] = key
-    check_timeout(c.timeout, where)
+    check_timeout(c.timeout, i)
     if c.required ~= nil and type(c.required) ~= "boolean" then
-      spec_error("%srequired must be a boolean, got %s", where, kind(c.required))
+      spec_error("%srequired must be a boolean, got %s", at(i), kind(c.required))
     end
     if c.transform ~= nil and type(c.transform) ~= "function" then
-      spec_error("%stransform must be a function, got %s", where, kind(c.transform))
+      spec_error("%stransform must be a function, got %s", at(i), kind(c.transform))
     end
   end
   return keys
@@ -536,6 +541,12 @@ local function outcome(res, err, c, nest)
   local status = res.status
   if type(status) ~= "number" or status < 200 or status > 299 then
     return nil, "status " .. tostring(status)
+  end
+  if nest and not c.transform then
+    -- Passed through as it came: checked like decode would, never turned into tables.
+    local value, why = raw(res.body)
+    if value == nil then return nil, "invalid JSON: " .. tostring(why) end
+    return value
   end
   local value = res.json
   if value == nil then return nil, "invalid JSON: " .. tostring(res.json_error) end
@@ -573,12 +584,13 @@ local function run(spec)
   local errs = results[ncalls + 1]
   if type(errs) ~= "table" then errs = {} end
 
-  local doc, failures, nfailed, required_failed = {}, new_array(), 0, nil
+  local doc, failures, nfailed, required_failed = {}, nil, 0, nil
   for i = 1, ncalls do
     local c, key = spec[i], keys[i]
     local value, why = outcome(results[i], errs[i], c, nest)
     if value == nil then
       nfailed = nfailed + 1
+      failures = failures or new_array()
       failures[nfailed] = { backend = key, target = c[1], error = why }
       if c.required and not required_failed then required_failed = key end
       if nest then doc[key] = null end

@@ -50,6 +50,7 @@ static void open_vm(void) {
 #define PRELUDE                                                                              \
   "local A, J, null, D = mg.aggregate, mg.json, mg.json.null, mg.json.decode "               \
   "local function canon(v) "                                                                 \
+  "  if getmetatable(v) == 'raw json' then return canon(D(v)) end "                          \
   "  if type(v) ~= 'table' or next(v) == nil then return J.encode(v) end "                   \
   "  local parts = {} "                                                                      \
   "  if rawget(v, 1) ~= nil then "                                                           \
@@ -61,7 +62,7 @@ static void open_vm(void) {
   "  return '{' .. table.concat(parts, ',') .. '}' "                                         \
   "end "                                                                                     \
   "local function E(v) "                                                                     \
-  "  local s, e = canon(v), J.encode(v) "                                                    \
+  "  local s, e = canon(v), J.encode(D(J.encode(v))) "                                      \
   "  if #s ~= #e then error('canon and encode disagree: ' .. s .. ' vs ' .. e) end "         \
   "  return s "                                                                              \
   "end "                                                                                     \
