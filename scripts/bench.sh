@@ -13,7 +13,10 @@
 #           the request per key in a shared dictionary, proxies to the origin (1 KiB); wrk cycles
 #           through the keys (scripts/bench/wrk-apikey.lua).
 #   agg:    GET /b fetches /users/1, /orders/1 and /reviews/1 (JSON) from the origin in parallel
-#           and answers one merged JSON document (nginx: capture_multi + lua-cjson).
+#           and answers one merged JSON document (moongate: mg.aggregate; nginx: capture_multi
+#           + lua-cjson).
+#   aggtables: GET /b2, the same document built by hand in moongate: mg.fetch_all, each body
+#           decoded into Lua tables, one table encoded (nginx: the same as /b).
 # Configs: scripts/bench/moongate-lua.lua and nginx-lua.conf. Last, reload latency: a 100-route
 # config, 10 reloads that each add a route; time from `moongate reload` (or SIGHUP to the master
 # when this build has no reload command) until the new route answers 200; nginx's SIGHUP reload
@@ -528,19 +531,19 @@ check_apikey() {
   return 0
 }
 
-# check_agg PORT NAME -> true when GET /b answers 200 with the merged document; otherwise sets
+# check_agg PORT NAME [PATH] -> true when GET PATH (/b) answers 200 with the merged document; otherwise sets
 # CHECK_WHY, with the script error the proxy logged if there is one.
 check_agg() {
-  local port=$1 name=$2 code why err
-  code=$(curl -s -o "$TMP/probe" -w '%{http_code}' --max-time 5 "http://127.0.0.1:$port/b")
+  local port=$1 name=$2 path=${3:-/b} code why err
+  code=$(curl -s -o "$TMP/probe" -w '%{http_code}' --max-time 5 "http://127.0.0.1:$port$path")
   why=$($REPORT check-agg "$TMP/probe")
   [ "$code" = 200 ] && [ "$why" = ok ] && return 0
   sleep 0.2   # let the proxy write its log line
   err=$(proxy_error "$name")
   if [ -z "$err" ]; then
-    CHECK_WHY="GET /b answered $code: $why"
+    CHECK_WHY="GET $path answered $code: $why"
   else
-    CHECK_WHY="GET /b answered $code; its log: $err"
+    CHECK_WHY="GET $path answered $code; its log: $err"
   fi
   case "$err" in
     *"field 'fetch_all' (a nil value)"*) CHECK_WHY="$CHECK_WHY: mg.fetch_all is not in this build" ;;
@@ -563,10 +566,16 @@ for t in $LUA_KINDS; do
   else log "$t: apikey: $CHECK_WHY"; lua_status apikey "$t" "not available ($CHECK_WHY)"; fi
   if check_agg "$STARTED_PORT" "$t-lua"; then lua_status agg "$t" ok
   else log "$t: agg: $CHECK_WHY"; lua_status agg "$t" "not available ($CHECK_WHY)"; fi
+  if check_agg "$STARTED_PORT" "$t-lua" /b2; then lua_status aggtables "$t" ok
+  else log "$t: aggtables: $CHECK_WHY"; lua_status aggtables "$t" "not available ($CHECK_WHY)"; fi
 done
 
-for scen in $([ -n "$LUA_KINDS" ] && echo apikey agg); do
-  if [ "$scen" = apikey ]; then path=/a; script=$TMP/wrk-apikey.lua; else path=/b; script=""; fi
+for scen in $([ -n "$LUA_KINDS" ] && echo apikey agg aggtables); do
+  case $scen in
+    apikey) path=/a; script=$TMP/wrk-apikey.lua ;;
+    agg) path=/b; script="" ;;
+    aggtables) path=/b2; script="" ;;
+  esac
   lt=""
   for t in $LUA_KINDS; do
     grep -q "^$scen	$t	ok\$" "$TMP/lua-status.tsv" && lt="$lt $t"
