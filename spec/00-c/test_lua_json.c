@@ -303,6 +303,106 @@ static void test_big_inputs(void) {
 }
 
 /* ------------------------------------------------------------------------------------------
+ * Raw JSON
+ * ---------------------------------------------------------------------------------------- */
+
+static void test_raw(void) {
+  open_state();
+  /* Every kind of document encodes back as it was written. */
+  MG_CHECK_STR(str("json.encode(json.raw('{\"a\":[1,2]}'))"), "{\"a\":[1,2]}");
+  MG_CHECK_STR(str("json.encode(json.raw('[1, \"two\", null]'))"), "[1, \"two\", null]");
+  MG_CHECK_STR(str("json.encode(json.raw('\"caf\\195\\169\"'))"), "\"caf\xc3\xa9\"");
+  MG_CHECK_STR(str("json.encode(json.raw('-0.50'))"), "-0.50");
+  MG_CHECK_STR(str("json.encode(json.raw('true'))"), "true");
+  MG_CHECK_STR(str("json.encode(json.raw('null'))"), "null");
+  /* Escapes are kept as written, not re-escaped the encoder's way. */
+  MG_CHECK_STR(str("json.encode(json.raw('\"\\\\u00e9\\\\/\"'))"), "\"\\u00e9\\/\"");
+  /* JSON whitespace around the document is trimmed; inside it is kept. */
+  MG_CHECK_STR(str("json.encode(json.raw('  {\"a\":1}\\n'))"), "{\"a\":1}");
+  MG_CHECK_STR(str("json.encode(json.raw('\\r\\n\\t[1, 2] \\t\\r\\n'))"), "[1, 2]");
+  /* Inside arrays and objects, with the separators the position needs. */
+  MG_CHECK_STR(str("json.encode({1, json.raw('[2,3]'), json.raw('{\"x\":1.50}')})"),
+               "[1,[2,3],{\"x\":1.50}]");
+  MG_CHECK_STR(str("json.encode({json.raw('{}'), json.raw('[]'), json.raw('\"s\"'), 4})"),
+               "[{},[],\"s\",4]");
+  MG_CHECK_STR(str("json.encode({user = json.raw(' {\"b\":1,\"a\":1e2} ')})"),
+               "{\"user\":{\"b\":1,\"a\":1e2}}");
+  MG_CHECK_STR(str("json.encode({a = {json.raw('1E+2'), {b = json.raw('null')}}})"),
+               "{\"a\":[1E+2,{\"b\":null}]}");
+  /* Key order and number spelling survive (decode and encode would lose both). */
+  MG_CHECK_STR(str("json.encode(json.raw('{\"b\":1,\"a\":1e2}'))"), "{\"b\":1,\"a\":1e2}");
+  MG_CHECK_STR(str("json.encode(json.raw('{\"z\":1.0,\"m\":0.10,\"a\":-0}'))"),
+               "{\"z\":1.0,\"m\":0.10,\"a\":-0}");
+  /* Integers of any length are kept digit for digit. */
+  MG_CHECK_STR(str("json.encode(json.raw('12345678901234567890'))"), "12345678901234567890");
+  MG_CHECK_STR(str("json.encode({id = json.raw('-123456789012345678901234567890')})"),
+               "{\"id\":-123456789012345678901234567890}");
+  /* A document nested 100 deep is accepted and written back whole. */
+  CHECK_TRUE("(function() local s = ('['):rep(100) .. (']'):rep(100)"
+             " return json.encode(json.raw(s)) == s end)()");
+  /* tostring gives the (trimmed) text; the metatable is protected. */
+  MG_CHECK_STR(str("tostring(json.raw(' [1, 2] '))"), "[1, 2]");
+  CHECK_TRUE("type(json.raw('1')) == 'userdata'");
+  CHECK_TRUE("getmetatable(json.raw('{}')) == 'raw json'");
+  /* A raw value given to raw is the same value; decode reads its text. */
+  CHECK_TRUE("(function() local v = json.raw('[1]') return rawequal(json.raw(v), v) end)()");
+  run("t = json.decode(json.raw(' {\"a\":[1,{\"b\":\"c\"}],\"n\":null} '))");
+  CHECK_TRUE("type(t) == 'table' and t.a[1] == 1 and t.a[2].b == 'c' and t.n == json.null");
+  CHECK_TRUE("getmetatable(t.a) == json.array_mt");
+  CHECK_TRUE("json.decode(json.raw('42')) == 42");
+  /* A number argument is turned into its string by the Lua API, so it is valid JSON. */
+  MG_CHECK_STR(str("tostring(json.raw(42))"), "42");
+  MG_CHECK_STR(str("json.encode({json.raw(42), json.raw(0.5)})"), "[42,0.5]");
+  MG_CHECK_STR(failure("json.raw(math.huge)"), "parse error at byte 1: invalid char in json text.");
+  /* Anything else that is not a string raises. */
+  MG_CHECK_STR(error_of("json.raw({})"), "t:1: bad argument #1 to 'raw' (string expected, got table)");
+  MG_CHECK_STR(error_of("json.raw()"), "t:1: bad argument #1 to 'raw' (string expected, got no value)");
+  MG_CHECK_STR(error_of("json.raw(true)"), "t:1: bad argument #1 to 'raw' (string expected, got boolean)");
+  /* A raw value is not a string and cannot be an object key. */
+  MG_CHECK_STR(error_of("json.encode({[json.raw('\"k\"')] = 1})"), "t:1: object key must be a string");
+}
+
+static void test_raw_invalid(void) {
+  open_state();
+  /* What decode refuses, raw refuses with the same message. */
+  MG_CHECK_STR(failure("json.raw('')"), "parse error at byte 0: premature EOF");
+  MG_CHECK_STR(failure("json.raw(' \\n ')"), "parse error at byte 3: premature EOF");
+  MG_CHECK_STR(failure("json.raw('{\"a\":')"), "parse error at byte 5: premature EOF");
+  MG_CHECK_STR(failure("json.raw('{} x')"), "parse error at byte 4: trailing garbage");
+  MG_CHECK_STR(failure("json.raw('[1] [2]')"), "parse error at byte 5: trailing garbage");
+  MG_CHECK_STR(failure("json.raw('[1,]')"),
+               "parse error at byte 4: unallowed token at this point in JSON text");
+  MG_CHECK_STR(failure("json.raw(\"{'a':1}\")"), "parse error at byte 2: invalid char in json text.");
+  MG_CHECK_STR(failure("json.raw('\"\\255\"')"), "parse error at byte 2: invalid bytes in UTF8 string.");
+  MG_CHECK_STR(failure("json.raw('[\"ok\", \"\\255\"]')"),
+               "parse error at byte 9: invalid bytes in UTF8 string.");
+  MG_CHECK_STR(failure("json.raw('\"a\\tb\"')"), "parse error at byte 2: invalid character inside string.");
+  MG_CHECK_STR(failure("json.raw('[1] // comment')"), "parse error at byte 4: trailing garbage");
+  /* Nesting: 101 levels are refused, and a hostile million stops at the limit. */
+  MG_CHECK_STR(failure("json.raw(('['):rep(101) .. (']'):rep(101))"),
+               "parse error at byte 101: nesting deeper than 100");
+  MG_CHECK_STR(failure("json.raw(('{\"a\":'):rep(101) .. '1' .. ('}'):rep(101))"),
+               "parse error at byte 501: nesting deeper than 100");
+  MG_CHECK_STR(failure("json.raw(('['):rep(1e6))"), "parse error at byte 101: nesting deeper than 100");
+  /* A number with a fraction or an exponent that does not fit in a double. */
+  MG_CHECK_STR(failure("json.raw('1e400')"), "parse error at byte 5: number out of range");
+  MG_CHECK_STR(failure("json.raw('{\"n\":-1.5E309}')"), "parse error at byte 13: number out of range");
+  MG_CHECK_STR(failure("json.raw('1' .. ('0'):rep(400) .. '.5')"),
+               "parse error at byte 403: number out of range");
+  /* ... while long ones that fit are fine, as in decode. */
+  MG_CHECK_STR(str("tostring(json.raw('1e-400'))"), "1e-400");
+  CHECK_TRUE("(function() local s = '0.' .. ('0'):rep(100) .. '1e101'"
+             " return tostring(json.raw(s)) == s end)()");
+  CHECK_TRUE("(function() local s = '[' .. ('9'):rep(299) .. '.5]'"
+             " return tostring(json.raw(s)) == s end)()");
+  CHECK_TRUE("(function() local s = '0.' .. ('0'):rep(100) .. '1e500'"
+             " local v, err = json.raw(s) return v == nil and err == 'parse error at byte ' .. #s"
+             " .. ': number out of range' end)()");
+  /* The state carries on after refusals. */
+  MG_CHECK_STR(str("json.encode({json.raw('[1]')})"), "[[1]]");
+}
+
+/* ------------------------------------------------------------------------------------------
  * From C, and under a memory cap
  * ---------------------------------------------------------------------------------------- */
 
@@ -394,6 +494,8 @@ int main(void) {
   RUN(test_decode_errors);
   RUN(test_decode_depth);
   RUN(test_round_trip);
+  RUN(test_raw);
+  RUN(test_raw_invalid);
   RUN(test_big_inputs);
   RUN(test_c_encode_value);
   RUN(test_memory_cap);
