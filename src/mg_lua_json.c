@@ -345,24 +345,66 @@ static int l_encode(lua_State *L) {
  * Decoding
  * ---------------------------------------------------------------------------------------- */
 
-/* The value being built sits on the Lua stack: for each open container, the container and,
- * inside an object, the pending key. A finished value is stored into the container below it. */
+/* The value being built sits on the Lua stack. Each open container has a slot (a nil until
+ * its table is made) followed by its items as they arrive: values for an array, key and
+ * value pairs for an object. The table is made when the container closes, or when
+ * DECODE_BATCH items are waiting, with room for all of them, and they move in at once: a
+ * table is allocated once at its final size instead of growing 1, 2, 4, 8... as keys come.
+ * The batch also bounds the stack: MAX_JSON_LEVELS * (2 * DECODE_BATCH + 4) slots at most,
+ * below LuaJIT's limit of 8000 for one C call. */
+#define DECODE_BATCH 32
+
+typedef struct level {
+  int slot;     /* stack index of the container's table (nil until made) */
+  int is_array;
+  int made;     /* the table exists */
+  int count;    /* array items already in the table */
+} level_t;
+
 typedef struct decoder {
   lua_State *L;
   int array_mt;
   int depth;
   const char *abort; /* why a callback stopped the parse, or NULL */
-  int is_array[MAX_JSON_LEVELS];
-  int count[MAX_JSON_LEVELS];
+  level_t lv[MAX_JSON_LEVELS];
 } decoder_t;
 
+/* Moves the items waiting above L's slot into its table, making the table first. */
+static void flush_level(decoder_t *d, level_t *l) {
+  lua_State *L = d->L;
+  int n = lua_gettop(L) - l->slot;
+  if (!l->made) {
+    if (l->is_array) {
+      lua_createtable(L, n, 0);
+      lua_pushvalue(L, d->array_mt);
+      lua_setmetatable(L, -2);
+    } else {
+      lua_createtable(L, 0, n / 2);
+    }
+    lua_replace(L, l->slot);
+    l->made = 1;
+  }
+  if (l->is_array) {
+    for (int i = 1; i <= n; i++) {
+      lua_pushvalue(L, l->slot + i);
+      lua_rawseti(L, l->slot, ++l->count);
+    }
+  } else {
+    for (int i = 1; i < n; i += 2) {   /* in order, so that a repeated key's last value wins */
+      lua_pushvalue(L, l->slot + i);
+      lua_pushvalue(L, l->slot + i + 1);
+      lua_rawset(L, l->slot);
+    }
+  }
+  lua_settop(L, l->slot);
+}
+
+/* A value was pushed: it waits above its container's slot (or is the whole document). */
 static int add_value(decoder_t *d) {
   if (d->depth == 0) return 1;
-  int top = d->depth - 1;
-  if (d->is_array[top])
-    lua_rawseti(d->L, -2, ++d->count[top]);
-  else
-    lua_rawset(d->L, -3);
+  level_t *l = &d->lv[d->depth - 1];
+  int waiting = lua_gettop(d->L) - l->slot;
+  if (waiting >= (l->is_array ? DECODE_BATCH : 2 * DECODE_BATCH)) flush_level(d, l);
   return 1;
 }
 
@@ -500,18 +542,18 @@ static int open_container(decoder_t *d, int is_array) {
     d->abort = "nesting deeper than 100";
     return 0;
   }
-  lua_createtable(d->L, 0, 0);
-  if (is_array) {
-    lua_pushvalue(d->L, d->array_mt);
-    lua_setmetatable(d->L, -2);
+  if (!lua_checkstack(d->L, 2 * DECODE_BATCH + 4)) {
+    d->abort = "stack overflow";
+    return 0;
   }
-  d->is_array[d->depth] = is_array;
-  d->count[d->depth] = 0;
+  lua_pushnil(d->L);
+  d->lv[d->depth] = (level_t){.slot = lua_gettop(d->L), .is_array = is_array};
   d->depth++;
   return 1;
 }
 
 static int close_container(decoder_t *d) {
+  flush_level(d, &d->lv[d->depth - 1]);
   d->depth--;
   return add_value(d);
 }
@@ -602,7 +644,8 @@ static int l_decode(lua_State *L) {
  *
  * json.raw(text) checks that TEXT is one JSON document that decode would accept (the same
  * parser and limits: nesting, numbers, UTF-8) and returns a value that encode writes as that
- * text, unchanged, wherever it sits. An aggregation endpoint that passes a backend's document
+ * text, unchanged, wherever it sits (less the whitespace around it; yajl also skips \v and \f
+ * between tokens, which JSON does not allow, so those become spaces). An aggregation endpoint that passes a backend's document
  * through so skips building Lua tables only to write them out again; the text is checked
  * anyway, so the answer is JSON whatever the backend sent.
  * ---------------------------------------------------------------------------------------- */
@@ -693,7 +736,11 @@ static int is_raw(lua_State *L, int idx, const char **s, size_t *len) {
   return 1;
 }
 
-static int is_json_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+/* The bytes yajl's lexer skips between tokens: JSON's four, and also \v and \f, which JSON
+ * does not have (a raw value's text turns those into spaces). */
+static int is_yajl_space(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
 
 /* json.raw(text) -> a raw JSON value, or nil, "parse error at byte N: ..." as decode says it.
  * A raw value given to json.raw comes back as it is. */
@@ -726,10 +773,14 @@ static int l_raw(lua_State *L) {
     return 2;
   }
   yajl_free(h);
-  while (len && is_json_space(text[len - 1])) len--;
-  while (len && is_json_space(*text)) text++, len--;
+  while (len && is_yajl_space(text[len - 1])) len--;
+  while (len && is_yajl_space(*text)) text++, len--;
   char *copy = lua_newuserdata(L, len);
   memcpy(copy, text, len);
+  /* Valid text has no control byte inside a string, so any \v or \f is between tokens. */
+  if (memchr(copy, '\v', len) || memchr(copy, '\f', len))
+    for (size_t i = 0; i < len; i++)
+      if (copy[i] == '\v' || copy[i] == '\f') copy[i] = ' ';
   push_raw_mt(L);
   lua_setmetatable(L, -2);
   return 1;

@@ -6,8 +6,6 @@ import json
 import threading
 import time
 
-import pytest
-
 from mgtest import Upstream, http_response, request
 
 from hookkit import get, hook_gateway
@@ -358,9 +356,6 @@ end }
     assert r.json() == {"refused": True, "err": "parse error at byte 5: premature EOF"}
 
 
-@pytest.mark.xfail(strict=True, reason="mg.json.raw accepts \\f and \\v around and between "
-                   "tokens (yajl reads them as whitespace) and encode writes them out "
-                   "unchanged, so the gateway answers a document that is not JSON")
 def test_nest_mode_answers_json_when_a_backend_uses_form_feeds_as_whitespace():
     up = bytes_backend({"/ff": b'\x0c{"a":\x0b1}', "/ok": b'{"fine":true}'})
     g = hook_gateway('''
@@ -371,5 +366,6 @@ end }
 ''' % up.addr)
     r = get(g, "/agg")
     assert r.status == 200, r
-    # Either the backend counts as failed or its document is cleaned: the answer is JSON.
-    r.json()
+    # yajl skips \f and \v between tokens; JSON does not, so they come out as spaces.
+    assert b'"ff":{"a": 1}' in r.body, r.body
+    assert r.json() == {"ff": {"a": 1}, "ok": {"fine": True}}
