@@ -263,6 +263,134 @@ static void test_decode_depth(void) {
   MG_CHECK_STR(lua_tostring(L, 2), "parse error at byte 101: nesting deeper than 100");
 }
 
+/* Items wait on the stack and move into their table DECODE_BATCH (32) at a time: sizes on
+ * either side of each batch boundary, repeated keys across batches, batches waiting at many
+ * levels at once, and the deepest document with the most items waiting at every level. Each
+ * check returns 'ok' or what went wrong. */
+static void test_decode_batches(void) {
+  open_state();
+  /* arr(n): [1,2,...,n]; keys(n, p): "p1":1,...,"pn":n; deep(n, a, b): n objects nested
+   * through "c", each with a keys before the child and b after it, 0 innermost. */
+  run("function arr(n) local p = {} for i = 1, n do p[i] = i end"
+      "  return '[' .. table.concat(p, ',') .. ']' end "
+      "function keys(n, p) local q = {} for i = 1, n do q[i] = '\"' .. (p or 'k') .. i .. '\":' .. i end"
+      "  return table.concat(q, ',') end "
+      "function count(t) local n = 0 for _ in pairs(t) do n = n + 1 end return n end "
+      "function deep(n, a, b)"
+      "  local pre = '{' .. keys(a) .. (a > 0 and ',' or '') .. '\"c\":'"
+      "  local post = (b > 0 and ',' or '') .. keys(b, 'j') .. '}'"
+      "  return pre:rep(n) .. '0' .. post:rep(n), #pre end");
+  /* Arrays: every element, in order, with the array metatable. */
+  MG_CHECK_STR(str("(function() for _, n in ipairs{1, 31, 32, 33, 63, 64, 65, 1000} do"
+                   " local t = json.decode(arr(n)) local sum = 0"
+                   " for i = 1, n do if t[i] ~= i then return n .. ': t[' .. i .. '] = ' .. tostring(t[i]) end"
+                   "   sum = sum + t[i] end"
+                   " if #t ~= n or count(t) ~= n or t[1] ~= 1 or t[n] ~= n or sum ~= n * (n + 1) / 2"
+                   "   or getmetatable(t) ~= json.array_mt then return 'array of ' .. n end"
+                   " end return 'ok' end)()"),
+               "ok");
+  /* Objects: every key with its value, no metatable. */
+  MG_CHECK_STR(str("(function() for _, n in ipairs{1, 31, 32, 33, 64, 65, 1000} do"
+                   " local t = json.decode('{' .. keys(n) .. '}')"
+                   " if count(t) ~= n or getmetatable(t) ~= nil then return 'object of ' .. n end"
+                   " for i = 1, n do if t['k' .. i] ~= i then return n .. ': k' .. i end end"
+                   " end return 'ok' end)()"),
+               "ok");
+  /* A repeated key keeps its last value: in one batch, in the next batch, on either side of
+   * a boundary, three batches apart, and whatever the kinds of the values. */
+  CHECK_TRUE("(function() local t = json.decode('{\"a\":1,' .. keys(5) .. ',\"a\":2}')"
+             " return t.a == 2 and count(t) == 6 end)()");
+  CHECK_TRUE("(function() local t = json.decode('{\"a\":1,' .. keys(40) .. ',\"a\":2}')"
+             " return t.a == 2 and count(t) == 41 and t.k40 == 40 end)()");
+  CHECK_TRUE("(function() local t = json.decode('{' .. keys(31) .. ',\"a\":1,\"a\":2}')"
+             " return t.a == 2 and count(t) == 32 end)()");
+  CHECK_TRUE("(function() local t = json.decode('{' .. keys(32) .. ',\"a\":1,' .. keys(31, 'j') .. ',\"a\":2}')"
+             " return t.a == 2 and count(t) == 64 end)()");
+  CHECK_TRUE("(function() local t = json.decode('{\"a\":1,' .. keys(70) .. ',\"a\":2,' .. keys(70, 'j')"
+             " .. ',\"a\":3,\"k1\":\"last\"}') return t.a == 3 and t.k1 == 'last' and t.k70 == 70"
+             " and count(t) == 141 end)()");
+  CHECK_TRUE("(function() local t = json.decode('{\"a\":[1],' .. keys(40) .. ',\"a\":null,\"b\":null,'"
+             " .. keys(40, 'j') .. ',\"b\":{\"x\":[]}}') return t.a == json.null and t.b.x ~= nil"
+             " and getmetatable(t.b.x) == json.array_mt and count(t) == 82 end)()");
+  /* 40 objects of 40 keys in an array, and 40 arrays of 40 in an object: batches waiting
+   * and flushing at two levels at once. */
+  MG_CHECK_STR(str("(function() local p = {} for i = 1, 40 do local q = {}"
+                   "   for j = 1, 40 do q[j] = '\"k' .. j .. '\":' .. (i * 100 + j) end"
+                   "   p[i] = '{' .. table.concat(q, ',') .. '}' end"
+                   " local t = json.decode('[' .. table.concat(p, ',') .. ']')"
+                   " if #t ~= 40 or count(t) ~= 40 then return 'outer ' .. #t end"
+                   " for i = 1, 40 do if count(t[i]) ~= 40 or getmetatable(t[i]) ~= nil then return 'object ' .. i end"
+                   "   for j = 1, 40 do if t[i]['k' .. j] ~= i * 100 + j then return i .. '.k' .. j end end end"
+                   " return 'ok' end)()"),
+               "ok");
+  MG_CHECK_STR(str("(function() local p = {} for i = 1, 40 do local q = {}"
+                   "   for j = 1, 40 do q[j] = i * 100 + j end"
+                   "   p[i] = '\"a' .. i .. '\":[' .. table.concat(q, ',') .. ']' end"
+                   " local t = json.decode('{' .. table.concat(p, ',') .. '}')"
+                   " if count(t) ~= 40 then return 'outer' end"
+                   " for i = 1, 40 do local a = t['a' .. i]"
+                   "   if #a ~= 40 or getmetatable(a) ~= json.array_mt then return 'array ' .. i end"
+                   "   for j = 1, 40 do if a[j] ~= i * 100 + j then return i .. '[' .. j .. ']' end end end"
+                   " return 'ok' end)()"),
+               "ok");
+  /* 100 levels of objects with 40 keys besides the child: with 31 keys before it, 63 items
+   * wait at every level (the most there can be). All decode; 101 levels are refused. */
+  MG_CHECK_STR(str("(function() for _, a in ipairs{0, 31, 32, 40} do"
+                   " local t = json.decode((deep(100, a, 40 - a)))"
+                   " for lv = 1, 100 do"
+                   "   if type(t) ~= 'table' or count(t) ~= 41 then return a .. ': level ' .. lv end"
+                   "   if a > 0 and t['k' .. a] ~= a or a < 40 and t['j' .. (40 - a)] ~= 40 - a then"
+                   "     return a .. ': values at level ' .. lv end"
+                   "   t = t.c end"
+                   " if t ~= 0 then return a .. ': innermost ' .. tostring(t) end"
+                   " end return 'ok' end)()"),
+               "ok");
+  CHECK_TRUE("(function() local s = deep(100, 31, 9) return json.encode(json.decode(s)):len() == #s end)()");
+  CHECK_TRUE("(function() local s, pre = deep(101, 31, 9) local v, err = json.decode(s)"
+             " return v == nil and err == 'parse error at byte ' .. (100 * pre + 1)"
+             " .. ': nesting deeper than 100' end)()");
+  CHECK_TRUE("(function() local s, pre = deep(101, 40, 0) local v, err = json.decode(s)"
+             " return v == nil and err == 'parse error at byte ' .. (100 * pre + 1)"
+             " .. ': nesting deeper than 100' end)()");
+  /* Arrays nested 100 deep with 31 items before the child, then 101. */
+  CHECK_TRUE("(function() local pre = '[' .. ('1,'):rep(31) local s = pre:rep(100) .. '2' .. (']'):rep(100)"
+             " local t = json.decode(s) for lv = 1, 99 do if #t ~= 32 or t[31] ~= 1 then return false end"
+             " t = t[32] end return #t == 32 and t[32] == 2 and json.encode(json.decode(s)) == s end)()");
+  run("return json.decode(('[' .. ('1,'):rep(31)):rep(101) .. '2' .. (']'):rep(101))");
+  MG_CHECK(lua_isnil(L, 1));
+  MG_CHECK_STR(lua_tostring(L, 2), "parse error at byte 6301: nesting deeper than 100");
+  /* An empty array at any depth, or after a batch, is an empty table marked as an array. */
+  run("s = ('{\"a\":'):rep(99) .. '[]' .. ('}'):rep(99) t = json.decode(s)"
+      " for i = 1, 99 do t = t.a end");
+  CHECK_TRUE("type(t) == 'table' and next(t) == nil and getmetatable(t) == json.array_mt");
+  MG_CHECK_STR(str("json.encode(t)"), "[]");
+  CHECK_TRUE("json.encode(json.decode(s)) == s");
+  run("t = json.decode(('['):rep(100) .. (']'):rep(100)) for i = 1, 99 do t = t[1] end");
+  CHECK_TRUE("type(t) == 'table' and next(t) == nil and getmetatable(t) == json.array_mt");
+  run("t = json.decode('[' .. ('0,'):rep(32) .. '[],{}]')");
+  CHECK_TRUE("#t == 34 and next(t[33]) == nil and getmetatable(t[33]) == json.array_mt"
+             " and next(t[34]) == nil and getmetatable(t[34]) == nil");
+  MG_CHECK_STR(str("json.encode({t[33], t[34]})"), "[[],{}]");
+  run("t = json.decode('{' .. keys(32) .. ',\"e\":[],\"o\":{}}')");
+  CHECK_TRUE("count(t) == 34 and getmetatable(t.e) == json.array_mt and getmetatable(t.o) == nil");
+  /* A 1000-item array of every kind of value (objects of one key, so the order of keys is
+   * fixed) encodes back to the text it was decoded from. */
+  run("local kinds = {"
+      "  function(i) return tostring(i) end, function(i) return '-' .. i .. '.5' end,"
+      "  function(i) return '\"s' .. i .. '\"' end, function() return 'true' end,"
+      "  function() return 'false' end, function() return 'null' end,"
+      "  function(i) return '{\"k' .. i .. '\":' .. i .. '}' end,"
+      "  function(i) return '[' .. i .. ',\"x\",null]' end,"
+      "  function() return '[]' end, function() return '{}' end,"
+      "  function(i) return '12345678901234567' .. i end,"
+      "  function(i) return '{\"a\":' .. arr(i % 70) .. '}' end }"
+      " local p = {} for i = 1, 1000 do p[i] = kinds[i % #kinds + 1](i) end"
+      " mixed = '[' .. table.concat(p, ',') .. ']'");
+  CHECK_TRUE("#json.decode(mixed) == 1000");
+  CHECK_TRUE("json.encode(json.decode(mixed)) == mixed");
+  CHECK_TRUE("json.encode(json.decode('{\"m\":' .. mixed .. '}')) == '{\"m\":' .. mixed .. '}'");
+}
+
 static void test_round_trip(void) {
   open_state();
   run("function same(a, b)"
@@ -493,6 +621,7 @@ int main(void) {
   RUN(test_decode_strings);
   RUN(test_decode_errors);
   RUN(test_decode_depth);
+  RUN(test_decode_batches);
   RUN(test_round_trip);
   RUN(test_raw);
   RUN(test_raw_invalid);
