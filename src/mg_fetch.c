@@ -16,6 +16,7 @@
 #include <string.h>
 #include <strings.h>
 
+#include "mg_asan.h"
 #include "mg_buf.h"
 #include "mg_http.h"
 #include "mg_log.h"
@@ -79,6 +80,7 @@ struct mg_fetch {
   mg_buf_t hoffs;                 /* header_off_t per response field */
   mg_buf_t body;
   mg_fetch_t *next_spare;
+  mg_worker_t *spare_of;          /* the worker whose loop the timer belongs to */
 };
 
 /* Finished exchanges kept for reuse, per process (a worker is one process): starting a fetch
@@ -536,11 +538,12 @@ static void fetch_connect(mg_fetch_t *f) {
 /* A fetch for worker W: a spare one of W's loop, emptied, or a new one. */
 static mg_fetch_t *fetch_new(mg_worker_t *w) {
   mg_fetch_t **pp = &spares;
-  while (*pp && (*pp)->w != w) pp = &(*pp)->next_spare;
+  while (*pp && (*pp)->spare_of != w) pp = &(*pp)->next_spare;
   mg_fetch_t *f = *pp;
   if (f) {
     *pp = f->next_spare;
     nspares--;
+    MG_ASAN_UNPOISON(f, offsetof(mg_fetch_t, timer));
     memset(f, 0, offsetof(mg_fetch_t, timer));
     f->next_spare = NULL;
     return f;
@@ -603,8 +606,11 @@ void mg_fetch_cancel(mg_fetch_t *f) {
   buf_empty(&f->hoffs);
   buf_empty(&f->body);
   f->next_spare = spares;
+  f->spare_of = f->w;
   spares = f;
   nspares++;
+  /* The part a new exchange zeroes; the timer stays linked in the loop. */
+  MG_ASAN_POISON(f, offsetof(mg_fetch_t, timer));
 }
 
 void mg_fetch_free(mg_fetch_t *f) { mg_fetch_cancel(f); }
@@ -786,9 +792,10 @@ void mg_fetch_cache_free(mg_worker_t *w) {
   mg_fetch_t **pp = &spares;
   while (*pp) {
     mg_fetch_t *f = *pp;
-    if (f->w == w) {
+    if (f->spare_of == w) {
       *pp = f->next_spare;
       nspares--;
+      MG_ASAN_UNPOISON(f, offsetof(mg_fetch_t, timer));
       fetch_destroy(f);
     } else {
       pp = &f->next_spare;

@@ -17,6 +17,7 @@
 #include <lualib.h>
 #include <luajit.h>
 
+#include "mg_asan.h"
 #include "mg_lua_crypto.h"
 #include "mg_lua_json.h"
 
@@ -135,6 +136,7 @@ static void *small_get(mg_lua_vm_t *vm, size_t n) {
   unsigned c = small_class(n);
   small_block_t *b = vm->small[c];
   if (b == NULL) return malloc((size_t)(c + 1) * SMALL_STEP);
+  MG_ASAN_UNPOISON(b, (size_t)(c + 1) * SMALL_STEP);
   vm->small[c] = b->next;
   vm->small_kept -= (size_t)(c + 1) * SMALL_STEP;
   return b;
@@ -151,12 +153,14 @@ static void small_put(mg_lua_vm_t *vm, void *p, size_t n) {
   b->next = vm->small[c];
   vm->small[c] = b;
   vm->small_kept += size;
+  MG_ASAN_POISON(b, size);
 }
 
 static void small_drain(mg_lua_vm_t *vm) {
   for (unsigned c = 0; c < SMALL_CLASSES; c++) {
     while (vm->small[c]) {
       small_block_t *b = vm->small[c];
+      MG_ASAN_UNPOISON(b, (size_t)(c + 1) * SMALL_STEP);
       vm->small[c] = b->next;
       free(b);
     }
