@@ -180,20 +180,29 @@ static void push_header(lua_State *L, const mg_request_t *req, const char *name,
         else lua_pushnil(L);
         return;
       }
-  int found = 0;
-  luaL_Buffer b;
-  luaL_buffinit(L, &b);
+  size_t first = req->nheaders, found = 0;
   for (size_t i = 0; i < req->nheaders; i++) {
     const mg_header_t *hd = &req->headers[i];
     if (!mg_http_ieq_n(hd->name, hd->name_len, name, nlen)) continue;
-    if (found++) luaL_addlstring(&b, ", ", 2);
+    if (found++ == 0) first = i;
+  }
+  if (found == 0) {
+    lua_pushnil(L);
+    return;
+  }
+  if (found == 1) {                          /* the usual case: no joining */
+    lua_pushlstring(L, req->headers[first].value, req->headers[first].value_len);
+    return;
+  }
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  for (size_t i = first, n = 0; i < req->nheaders; i++) {
+    const mg_header_t *hd = &req->headers[i];
+    if (!mg_http_ieq_n(hd->name, hd->name_len, name, nlen)) continue;
+    if (n++) luaL_addlstring(&b, ", ", 2);
     luaL_addlstring(&b, hd->value, hd->value_len);
   }
   luaL_pushresult(&b);
-  if (!found) {
-    lua_pop(L, 1);
-    lua_pushnil(L);
-  }
 }
 
 /* req.headers: a table of lower-case names; reading it is case-insensitive. */
@@ -359,12 +368,10 @@ static const char *const req_fields[] = {"method", "path", "query", "args", "par
                                          "host", "client", "ctx", "id", "route", "target",
                                          "version", NULL};
 
-/* __index of req tables: methods, then fields. */
+/* __index of req tables: methods (upvalue 1), then fields. */
 static int req_index(lua_State *L) {
-  lua_rawgeti(L, LUA_REGISTRYINDEX, H.req_mt);
-  lua_getfield(L, -1, "methods");
   lua_pushvalue(L, 2);
-  lua_rawget(L, -2);
+  lua_rawget(L, lua_upvalueindex(1));
   if (!lua_isnil(L, -1)) return 1;
   lua_settop(L, 2);
   if (lua_type(L, 2) != LUA_TSTRING) return 0;
@@ -686,12 +693,6 @@ static int setup_cb(lua_State *L) {
   }
   /* req: a table with this metatable; methods in mt.methods. */
   lua_createtable(L, 0, 4);
-  lua_pushcfunction(L, req_index);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, req_newindex);
-  lua_setfield(L, -2, "__newindex");
-  lua_pushboolean(L, 0);
-  lua_setfield(L, -2, "__metatable");
   lua_createtable(L, 0, 6);
   const luaL_Reg req_methods[] = {{"header", l_req_header}, {"set_header", l_req_set_header},
                                   {"set_path", l_req_set_path}, {"body", l_req_body},
@@ -702,7 +703,12 @@ static int setup_cb(lua_State *L) {
   }
   lua_getfield(L, t, "json");                /* req:json(): req:body() then mg.json.decode */
   lua_setfield(L, -2, "json");
-  lua_setfield(L, -2, "methods");
+  lua_pushcclosure(L, req_index, 1);         /* the methods, as its upvalue */
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, req_newindex);
+  lua_setfield(L, -2, "__newindex");
+  lua_pushboolean(L, 0);
+  lua_setfield(L, -2, "__metatable");
   H.req_mt = luaL_ref(L, LUA_REGISTRYINDEX);
 
   lua_createtable(L, 0, 1);
