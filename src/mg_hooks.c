@@ -1083,6 +1083,11 @@ void mg_hooks_body_ready(mg_request_t *req, const char *data, size_t len) {
   mg_task_wake(&h->task, 1);
 }
 
+int mg_hooks_response_replaced(const mg_request_t *req) {
+  const hookrun_t *h = hookrun_of(req);
+  return h && h->resp_replaced;
+}
+
 int mg_hooks_response_head(mg_request_t *req, mg_buf_t *out) {
   hookrun_t *h = hookrun_of(req);
   if (h->resp_replaced) {

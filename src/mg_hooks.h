@@ -60,6 +60,10 @@ void mg_hooks_body_ready(struct mg_request *req, const char *data, size_t len);
  * a hook are ignored; the producer frames the body. */
 int mg_hooks_response_head(struct mg_request *req, mg_buf_t *out);
 
+/* After done: whether a hook answered (or failed and the answer became the gateway's 500), so
+ * that the head is the gateway's own, not the upstream's. */
+int mg_hooks_response_replaced(const struct mg_request *req);
+
 /* After done: whether the hooks replaced or read the whole body; if so sets *DATA and *LEN to it
  * (valid until the request is freed). */
 int mg_hooks_response_body(struct mg_request *req, const char **data, size_t *len);

@@ -868,6 +868,7 @@ static void proxy_hooks_done(mg_request_t *req) {
     known = 1;
   }
   append_status_line(b, status);
+  if (mg_hooks_response_replaced(req)) mg_buf_append(b, "Server: moongate\r\n", 18);
   mg_buf_append(b, lines.data, lines.len);
   mg_buf_dispose(&lines);
   p->head_built = 1;

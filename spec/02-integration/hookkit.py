@@ -105,6 +105,8 @@ def assert_script_error(resp):
     """RESP is the gateway's answer to a failed script: JSON 500 "script error" with the same
     request id as its X-Request-Id header. Returns the request id."""
     assert resp.status == 500, resp
+    # The gateway's own answer, also where it replaces an upstream's response.
+    assert resp.header("server") == "moongate", resp.headers
     doc = error_json(resp)
     assert doc["error"] == "script error", doc
     assert doc["request_id"] == resp.header("x-request-id"), (doc, resp.headers)
