@@ -22,6 +22,8 @@
 #include <lua.h>
 
 #include "mg_log.h"
+#include "mg_request.h"
+#include "mg_task.h"
 
 #define AGGREGATE_LUA "/moongate/aggregate.lua"
 
@@ -70,13 +72,31 @@ static char *read_file(const char *path, size_t *len, char *err, size_t errlen) 
   return buf;
 }
 
+/* current_request_id() -> the id of the request whose hook is running, or nil. */
+static int l_current_request_id(lua_State *L) {
+  mg_task_t *t = mg_task_current();
+  if (t == NULL || t->req == NULL) return 0;
+  lua_pushstring(L, t->req->id);
+  return 1;
+}
+
 /* mg.aggregate = the value of registry reference *REF; runs under lua_cpcall. The main
- * state's globals are the sandbox base (mg_lua_vm.c), where `mg` lives. */
+ * state's globals are the sandbox base (mg_lua_vm.c), where `mg` lives. The module's own
+ * environment (that of M.run) gets current_request_id, for the gateway's error shape. */
 static int set_field_cb(lua_State *L) {
   const int *ref = lua_touserdata(L, 1);
   lua_getfield(L, LUA_GLOBALSINDEX, "mg");
   if (!lua_istable(L, -1)) return luaL_error(L, "the sandbox has no mg table");
   lua_rawgeti(L, LUA_REGISTRYINDEX, *ref);
+  lua_getfield(L, -1, "run");
+  if (lua_isfunction(L, -1)) {
+    lua_getfenv(L, -1);
+    lua_pushliteral(L, "current_request_id");
+    lua_pushcfunction(L, l_current_request_id);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
   lua_setfield(L, -2, "aggregate");
   return 0;
 }

@@ -605,7 +605,11 @@ local function run(spec)
   if nfailed == ncalls or required_failed then
     local msg = nfailed == ncalls and "every backend failed"
       or format('backend "%s" failed', required_failed)
-    return 502, { error = msg, status = 502, _errors = failures }, completed(false)
+    -- The gateway's error shape; current_request_id is put in this module's environment by
+    -- src/mg_lua_aggregate.c (absent where the module runs outside the gateway).
+    local rid = current_request_id and current_request_id() or nil
+    return 502, { error = msg, status = 502, request_id = rid, _errors = failures },
+      completed(false)
   end
   doc._errors = failures
   return 200, doc, completed(false)

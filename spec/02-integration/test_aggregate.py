@@ -130,6 +130,8 @@ def test_a_required_backend_failing_is_a_502():
     doc = r.json()
     assert doc["error"] == 'backend "user" failed' and doc["status"] == 502
     assert doc["_errors"] == [{"backend": "user", "target": "b", "error": "status 404"}]
+    # The gateway's error shape: the request id, as in X-Request-Id.
+    assert doc["request_id"] == r.header("x-request-id") and len(doc["request_id"]) == 32, doc
 
 
 def test_fetch_all_by_hand_returns_results_in_order_and_the_errors():
