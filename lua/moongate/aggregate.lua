@@ -94,6 +94,8 @@
 --       merge = "nest" | "merge",           -- nest (default): document[key] = the JSON;
 --                                           -- merge: the JSON objects shallow-merged in call
 --                                           -- order (later keys win)
+--     In nest mode a call without transform puts mg.json.raw(res.body) under its key: the
+--     backend's document, checked, is written out as it came, never turned into tables.
 --     A backend fails when the call failed (its error: "timeout", "connection refused", ...),
 --     when its status is not 2xx ("status 503"), when its body is not JSON
 --     ("invalid JSON: " .. res.json_error), or, with merge = "merge", when its JSON (after
@@ -107,6 +109,7 @@
 --       * a required backend failed, or every backend failed: 502 with the
 --         gateway's error shape plus the list, X-Moongate-Completed: false:
 --           { error = 'backend "users" failed' | "every backend failed", status = 502,
+--             request_id = the request's id (as in X-Request-Id),
 --             _errors = { ... } }
 --     So an answer is partial by default: mark required what the page cannot live without. A spec with no calls answers 200 and an empty object. A mistake in SPEC (a
 --     missing target, a duplicate key, an unknown merge mode) raises before anything is
