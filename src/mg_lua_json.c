@@ -469,10 +469,11 @@ static void push_bigint_mt(lua_State *L) {
   lua_rawset(L, LUA_REGISTRYINDEX);
 }
 
-/* Whether the value at IDX is a bigint; if so sets *S and *LEN to its digits. */
-static int is_bigint(lua_State *L, int idx, const char **s, size_t *len) {
+/* Whether the value at IDX is a userdata whose metatable is the registry's value under
+ * MT_KEY (a bigint, a raw value); if so sets *S and *LEN to the bytes it holds. */
+static int text_udata(lua_State *L, int idx, const void *mt_key, const char **s, size_t *len) {
   if (lua_type(L, idx) != LUA_TUSERDATA || !lua_getmetatable(L, idx)) return 0;
-  lua_pushlightuserdata(L, (void *)&bigint_mt_key);
+  lua_pushlightuserdata(L, (void *)mt_key);
   lua_rawget(L, LUA_REGISTRYINDEX);
   int same = lua_rawequal(L, -1, -2);
   lua_pop(L, 2);
@@ -480,6 +481,11 @@ static int is_bigint(lua_State *L, int idx, const char **s, size_t *len) {
   *s = lua_touserdata(L, idx);
   *len = lua_objlen(L, idx);
   return 1;
+}
+
+/* Whether the value at IDX is a bigint; if so sets *S and *LEN to its digits. */
+static int is_bigint(lua_State *L, int idx, const char **s, size_t *len) {
+  return text_udata(L, idx, &bigint_mt_key, s, len);
 }
 
 static int plain_integer(const char *s, size_t len) {
@@ -725,15 +731,7 @@ static void push_raw_mt(lua_State *L) {
 
 /* Whether the value at IDX is a raw JSON value; if so sets *S and *LEN to its text. */
 static int is_raw(lua_State *L, int idx, const char **s, size_t *len) {
-  if (lua_type(L, idx) != LUA_TUSERDATA || !lua_getmetatable(L, idx)) return 0;
-  lua_pushlightuserdata(L, (void *)&raw_mt_key);
-  lua_rawget(L, LUA_REGISTRYINDEX);
-  int same = lua_rawequal(L, -1, -2);
-  lua_pop(L, 2);
-  if (!same) return 0;
-  *s = lua_touserdata(L, idx);
-  *len = lua_objlen(L, idx);
-  return 1;
+  return text_udata(L, idx, &raw_mt_key, s, len);
 }
 
 /* The bytes yajl's lexer skips between tokens: JSON's four, and also \v and \f, which JSON
