@@ -86,8 +86,8 @@ struct mg_fetch {
 /* Finished exchanges kept for reuse, per process (a worker is one process): starting a fetch
  * then costs no allocation, and no timer set-up. At most SPARES_MAX are kept, and only
  * buffers of at most SPARE_BUF_MAX bytes. */
-#define SPARES_MAX 256
-#define SPARE_BUF_MAX 16384
+#define SPARES_MAX 64
+#define SPARE_BUF_MAX 8192
 static mg_fetch_t *spares;
 static size_t nspares;
 
