@@ -249,6 +249,31 @@ def cpu_use_note(scen, targets, med, used, meta):
     return text
 
 
+def per_round_ratios(runs, scen, clk):
+    """The ratio moongate / nginx + Lua within each round (two runs a few seconds apart, so a
+    slow spell of the machine weighs on both), as one line; None without a complete round."""
+    rounds = {}
+    for r in runs:
+        if len(r) >= 9 and r[0] == scen and r[1] in LUA_TARGETS and int(r[3]) > 0:
+            rounds.setdefault(r[2], {})[r[1]] = r
+    rps, cpu = [], []
+    for k in sorted(rounds, key=lambda x: int(x)):
+        a, b = rounds[k].get("moongate"), rounds[k].get("nginx-lua")
+        if not (a and b):
+            continue
+        rps.append(float(a[4]) / float(b[4]))
+        if a[8] != "-" and b[8] != "-":
+            cpu.append((int(a[8]) / int(a[3])) / (int(b[8]) / int(b[3])))
+    if not rps:
+        return None
+    line = "Per round (moongate / nginx + Lua, run back to back): req/s %s (median %.2f×)" % (
+        ", ".join("%.2f×" % x for x in rps), statistics.median(rps))
+    if cpu:
+        line += "; CPU per request %s (median %.2f×)" % (
+            ", ".join("%.2f×" % x for x in cpu), statistics.median(cpu))
+    return line + "."
+
+
 def render_lua(w, d, meta, runs, clk, notes):
     """The Lua scenarios: a table per scenario, moongate against nginx + Lua, with the ratios
     and the issue's targets."""
@@ -295,6 +320,10 @@ def render_lua(w, d, meta, runs, clk, notes):
                 fmt_ratio(a["p99"], b["p99"]),
                 fmt_ratio(a["cpu"], b["cpu"]) if a["cpu"] is not None else "—"))
         w("")
+        paired = per_round_ratios(runs, scen, clk)
+        if paired:
+            w(paired)
+            w("")
         if rps_goal is None:
             continue
         goal = "moongate ≥ %.1f× nginx + Lua's req/s" % rps_goal
