@@ -28,7 +28,8 @@ struct mg_gen {
   size_t nupstreams;
   int lua_ref;                    /* the config's Lua values in the worker's VM, or -1 */
   void (*lua_unref)(mg_gen_t *g); /* releases lua_ref (set by whoever filled it) */
-  void *hooks;                    /* the hooks of this generation (mg_hooks.c) */
+  void *hooks;                    /* the hook lists of this generation, found once
+                                     (mg_hooks.c; freed with lua_ref by lua_unref) */
 };
 
 /* Builds a generation of worker W from CFG (whose contents it takes over: *CFG is zeroed),

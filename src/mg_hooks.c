@@ -745,7 +745,22 @@ int mg_hooks_vm_init(mg_lua_vm_t *vm, char *err, size_t errlen) {
   return 0;
 }
 
+/* The hook lists of a generation, found once: registry references, by slot (0: the global
+ * request list; then four per route: access, handler, response, log). 0 is "not looked up
+ * yet"; LUA_REFNIL stands for a route without that hook. Kept in mg_gen_t.hooks. */
+typedef struct gen_lists {
+  size_t n;
+  int refs[];
+} gen_lists_t;
+
 void mg_hooks_gen_unref(mg_gen_t *g) {
+  gen_lists_t *gl = g->hooks;
+  if (gl) {
+    for (size_t i = 0; i < gl->n; i++)
+      if (gl->refs[i] > 0 && H.vm) mg_lua_vm_unref(H.vm, gl->refs[i]);
+    free(gl);
+    g->hooks = NULL;
+  }
   if (g->lua_ref >= 0 && H.vm) mg_lua_vm_unref(H.vm, g->lua_ref);
   g->lua_ref = -1;
 }
@@ -813,19 +828,46 @@ static void hookrun_drop_run(hookrun_t *h) {
   h->started = 0;
 }
 
+static const char *const route_hook_keys[] = {"access", "handler", "response", "log"};
+
+static int list_slot(const mg_request_t *req, const char *key) {
+  if (strcmp(key, "request") == 0) return 0;
+  int k = 0;
+  while (strcmp(route_hook_keys[k], key) != 0) k++;
+  return 1 + (int)(req->route - req->gen->cfg.routes) * 4 + k;
+}
+
 /* Pushes list KEY ("access", ...) of the route, or the global request list. */
 static void push_hook_value(lua_State *co, const mg_request_t *req, const char *key) {
-  lua_rawgeti(co, LUA_REGISTRYINDEX, req->gen->lua_ref);
-  if (strcmp(key, "request") == 0) {
+  mg_gen_t *g = req->gen;
+  gen_lists_t *gl = g->hooks;
+  if (gl == NULL) {
+    size_t n = 1 + g->cfg.nroutes * 4;
+    gl = calloc(1, sizeof *gl + n * sizeof gl->refs[0]);
+    if (gl) gl->n = n;
+    g->hooks = gl;
+  }
+  int slot = list_slot(req, key);
+  if (gl && gl->refs[slot] != 0) {
+    if (gl->refs[slot] == LUA_REFNIL) lua_pushnil(co);
+    else lua_rawgeti(co, LUA_REGISTRYINDEX, gl->refs[slot]);
+    return;
+  }
+  lua_rawgeti(co, LUA_REGISTRYINDEX, g->lua_ref);
+  if (slot == 0) {
     lua_getfield(co, -1, "request");
   } else {
     lua_getfield(co, -1, "routes");
-    lua_rawgeti(co, -1, (int)(req->route - req->gen->cfg.routes) + 1);
+    lua_rawgeti(co, -1, (int)(req->route - g->cfg.routes) + 1);
     lua_getfield(co, -1, key);
     lua_replace(co, -3);
     lua_pop(co, 1);
   }
   lua_replace(co, -2);
+  if (gl) {
+    lua_pushvalue(co, -1);
+    gl->refs[slot] = luaL_ref(co, LUA_REGISTRYINDEX);   /* LUA_REFNIL for nil */
+  }
 }
 
 /* Starts a step: the values F, A, B, C are on the coroutine's stack. */
