@@ -494,6 +494,20 @@ static int plain_integer(const char *s, size_t len) {
   return 1;
 }
 
+/* Reads yajl's number text S into *V. Returns NULL, or why the number is refused: one with
+ * a fraction or an exponent that does not fit a double (an integer of any length is fine:
+ * decode keeps long ones as bigints). */
+static const char *read_number(const char *s, size_t len, double *v) {
+  char small[64];
+  char *buf = len < sizeof small ? small : malloc(len + 1);
+  if (!buf) return "out of memory";
+  memcpy(buf, s, len);
+  buf[len] = '\0';
+  *v = strtod(buf, NULL);
+  if (buf != small) free(buf);
+  return isinf(*v) && !plain_integer(s, len) ? "number out of range" : NULL;
+}
+
 static int on_number(void *ctx, const char *s, size_t len) {
   decoder_t *d = ctx;
   /* The common case, an integer of at most 15 digits (exact in a double), without strtod. */
@@ -507,20 +521,8 @@ static int on_number(void *ctx, const char *s, size_t len) {
       return add_value(d);
     }
   }
-  char small[64];
-  char *buf = len < sizeof small ? small : malloc(len + 1);
-  if (!buf) {
-    d->abort = "out of memory";
-    return 0;
-  }
-  memcpy(buf, s, len);
-  buf[len] = '\0';
-  double v = strtod(buf, NULL);
-  if (buf != small) free(buf);
-  if (isinf(v) && !plain_integer(s, len)) {
-    d->abort = "number out of range";
-    return 0;
-  }
+  double v;
+  if ((d->abort = read_number(s, len, &v)) != NULL) return 0;
   /* 2^53 itself is exact; 2^53 + 1 also reads as 2^53, so compare the digits there. */
   const char *digits_only = s[0] == '-' ? s + 1 : s;
   size_t dlen = s[0] == '-' ? len - 1 : len;
@@ -676,29 +678,15 @@ static int check_close(void *ctx) {
   return 1;
 }
 
-/* Refuses what decode refuses: a number with a fraction or exponent that does not fit a
- * double. (Integers of any length are fine: decode keeps long ones as bigints.) */
+/* Refuses what decode refuses (read_number), without strtod for the common numbers. */
 static int check_number(void *ctx, const char *s, size_t len) {
   if (plain_integer(s, len)) return 1;
   int has_exp = 0;
   for (size_t i = 0; i < len; i++)
     if (s[i] == 'e' || s[i] == 'E') has_exp = 1;
   if (!has_exp && len < 300) return 1; /* at most 299 digits: below DBL_MAX (~1.8e308) */
-  char small[64];
-  char *buf = len < sizeof small ? small : malloc(len + 1);
-  if (!buf) {
-    ((checker_t *)ctx)->abort = "out of memory";
-    return 0;
-  }
-  memcpy(buf, s, len);
-  buf[len] = '\0';
-  double v = strtod(buf, NULL);
-  if (buf != small) free(buf);
-  if (isinf(v)) {
-    ((checker_t *)ctx)->abort = "number out of range";
-    return 0;
-  }
-  return 1;
+  double v;
+  return (((checker_t *)ctx)->abort = read_number(s, len, &v)) == NULL;
 }
 
 static const yajl_callbacks check_callbacks = {

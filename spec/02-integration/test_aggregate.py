@@ -253,15 +253,23 @@ def bytes_backend(routes):
     return Upstream(handler)
 
 
+def bytes_gateway(routes, config):
+    """A gateway whose upstream "r" is bytes_backend(ROUTES), with the routes in CONFIG.
+    Returns it and the upstream (kept by the caller while the test runs)."""
+    up = bytes_backend(routes)
+    return hook_gateway('upstream "r" { "%s" }\n' % up.addr + config), up
+
+
+def aggregate_over(routes, calls):
+    """bytes_gateway where GET /agg answers mg.aggregate { CALLS } (Lua text)."""
+    return bytes_gateway(routes, 'route "GET /agg" { handler = function(req)\n'
+                                 '  return mg.aggregate { %s }\nend }\n' % calls)
+
+
 def test_nest_mode_passes_a_backend_document_through_byte_for_byte():
     # The backend's trailing newline is trimmed; everything inside is as the backend wrote it.
-    up = bytes_backend({"/doc": RAW_DOC + b"\r\n", "/list": b" [1, 2 ,3]\n"})
-    g = hook_gateway('''
-upstream "r" { "%s" }
-route "GET /agg" { handler = function(req)
-  return mg.aggregate { { "r", "/doc", key = "doc" }, { "r", "/list", key = "list" } }
-end }
-''' % up.addr)
+    g, _up = aggregate_over({"/doc": RAW_DOC + b"\r\n", "/list": b" [1, 2 ,3]\n"},
+                            '{ "r", "/doc", key = "doc" }, { "r", "/list", key = "list" }')
     r = get(g, "/agg")
     assert r.status == 200, r
     assert r.header("x-moongate-completed") == "true"
@@ -274,14 +282,10 @@ end }
 
 
 def test_nest_mode_counts_a_body_that_is_not_json_as_a_failure():
-    up = bytes_backend({"/ok": b'{"fine":true}', "/cut": b'{"a":', "/latin1": b'{"s":"caf\xe9"}'})
-    g = hook_gateway('''
-upstream "r" { "%s" }
-route "GET /agg" { handler = function(req)
-  return mg.aggregate { { "r", "/ok", key = "ok" }, { "r", "/cut", key = "cut" },
-                        { "r", "/latin1", key = "latin1" } }
-end }
-''' % up.addr)
+    g, _up = aggregate_over(
+        {"/ok": b'{"fine":true}', "/cut": b'{"a":', "/latin1": b'{"s":"caf\xe9"}'},
+        '{ "r", "/ok", key = "ok" }, { "r", "/cut", key = "cut" }, '
+        '{ "r", "/latin1", key = "latin1" }')
     r = get(g, "/agg")
     assert r.status == 200, r
     assert r.header("x-moongate-completed") == "false"
@@ -299,19 +303,12 @@ end }
 
 
 def test_a_transform_still_gets_the_decoded_table():
-    up = bytes_backend({"/doc": RAW_DOC})
-    g = hook_gateway('''
-upstream "r" { "%s" }
-route "GET /agg" { handler = function(req)
-  return mg.aggregate {
+    g, _up = aggregate_over({"/doc": RAW_DOC}, '''
     { "r", "/doc", key = "t", transform = function(doc, res)
         return { kind = type(doc), a = doc.a, z1 = doc.z + 1, big = tostring(doc.big),
                  status = res.status }
       end },
-    { "r", "/doc", key = "plain" },
-  }
-end }
-''' % up.addr)
+    { "r", "/doc", key = "plain" },''')
     r = get(g, "/agg")
     assert r.status == 200 and r.header("x-moongate-completed") == "true", r
     doc = r.json()
@@ -322,13 +319,9 @@ end }
 
 
 def test_merge_mode_still_merges_decoded_objects():
-    up = bytes_backend({"/doc": RAW_DOC, "/more": b'{"z":2,"extra":[1.0]}'})
-    g = hook_gateway('''
-upstream "r" { "%s" }
-route "GET /agg" { handler = function(req)
-  return mg.aggregate { { "r", "/doc", key = "d" }, { "r", "/more", key = "m" }, merge = "merge" }
-end }
-''' % up.addr)
+    g, _up = aggregate_over({"/doc": RAW_DOC, "/more": b'{"z":2,"extra":[1.0]}'},
+                            '{ "r", "/doc", key = "d" }, { "r", "/more", key = "m" }, '
+                            'merge = "merge"')
     r = get(g, "/agg")
     assert r.status == 200 and r.header("x-moongate-completed") == "true", r
     assert r.json() == {"z": 2, "a": 1.5, "big": 12345678901234567890, "s": "caf\u00e9",
@@ -336,9 +329,7 @@ end }
 
 
 def test_a_handler_can_answer_a_fetched_body_as_raw_json():
-    up = bytes_backend({"/doc": RAW_DOC + b"\n", "/cut": b'{"a":'})
-    g = hook_gateway('''
-upstream "r" { "%s" }
+    g, _up = bytes_gateway({"/doc": RAW_DOC + b"\n", "/cut": b'{"a":'}, '''
 route "GET /raw" { handler = function(req)
   local res = mg.fetch("r", "/doc")
   return 200, { a = mg.json.raw(res.body) }
@@ -348,7 +339,7 @@ route "GET /raw-bad" { handler = function(req)
   local v, err = mg.json.raw(res.body)
   return 200, { refused = v == nil, err = err }
 end }
-''' % up.addr)
+''')
     r = get(g, "/raw")
     assert r.status == 200, r
     assert r.body == b'{"a":' + RAW_DOC + b"}", r.body
@@ -359,13 +350,8 @@ end }
 
 
 def test_nest_mode_answers_json_when_a_backend_uses_form_feeds_as_whitespace():
-    up = bytes_backend({"/ff": b'\x0c{"a":\x0b1}', "/ok": b'{"fine":true}'})
-    g = hook_gateway('''
-upstream "r" { "%s" }
-route "GET /agg" { handler = function(req)
-  return mg.aggregate { { "r", "/ff", key = "ff" }, { "r", "/ok", key = "ok" } }
-end }
-''' % up.addr)
+    g, _up = aggregate_over({"/ff": b'\x0c{"a":\x0b1}', "/ok": b'{"fine":true}'},
+                            '{ "r", "/ff", key = "ff" }, { "r", "/ok", key = "ok" }')
     r = get(g, "/agg")
     assert r.status == 200, r
     # yajl skips \f and \v between tokens; JSON does not, so they come out as spaces.
