@@ -606,8 +606,12 @@ mg_lua_status_t mg_lua_vm_resume(mg_lua_run_t *run, int nargs) {
   vm->reserve = headroom;
   /* LuaJIT does not collect when an allocation is refused, so a script that ran into the cap
    * would leave its garbage for the next ones to trip over: collect once the VM is past
-   * three quarters of its cap after a run. */
-  if (vm->own_alloc && vm->mem_limit && vm->used > vm->mem_limit / 4 * 3)
+   * three quarters of its cap after a run. Not after a failed run: its dead coroutine is
+   * still referenced here, and walking the frames of one that died of "not enough memory"
+   * crashed the collector now and then (a reload near lua.memory, test_reload.py);
+   * mg_lua_run_free collects once the coroutine is let go. */
+  int failed = (rc != 0 && rc != LUA_YIELD) || run->exceeded;
+  if (!failed && vm->own_alloc && vm->mem_limit && vm->used > vm->mem_limit / 4 * 3)
     lua_gc(vm->L, LUA_GCCOLLECT, 0);
   if (run->exceeded) lua_sethook(co, on_hook, LUA_MASKCOUNT, MG_LUA_HOOK_STEP);
   if (rc == LUA_YIELD && !run->exceeded) {
