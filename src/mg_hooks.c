@@ -6,11 +6,13 @@
  * marker instead (mg_task.h) and is resumed by the operation, so from C's point of view a
  * step always finishes in step_finished(), called either at once or later from the loop.
  *
- * The req object is a Lua table whose fields (method, path, headers, ...) are computed on
- * demand by req_index from the C request, reached through a "box" userdata; when the request
- * is freed the box is emptied, so a script that kept `req` gets a clear error instead of
- * reading freed memory. Before the log hooks run, the fields are copied into the table, so
- * they outlive the request. */
+ * The req object is a small userdata (req_obj_t) whose fields (method, path, headers, ...)
+ * are computed on demand by req_index from the C request. The keys a script sets and the
+ * tables it has read (headers, args, params, ctx) live in the object's environment table,
+ * made on first use, so a request whose hooks only call methods makes one Lua object. When
+ * the request is freed the object's pointer is cleared, so a script that kept `req` gets a
+ * clear error instead of reading freed memory. Before the log hooks run, the fields are copied
+ * into the environment table, so they outlive the request. */
 #include "mg_hooks.h"
 
 #include <stdio.h>
@@ -67,24 +69,28 @@ static struct {
   int helpers;      /* the table driver_lua returned */
   int end_marker;
   int driver, run_list, run_filters;
-  int req_mt;       /* metatable of req tables */
-  int box_mt;       /* metatable of the boxes */
+  int req_mt;       /* metatable of req objects */
+  const void *req_mt_ptr;  /* the same table, to recognise req objects */
   int res_mt;       /* metatable of res tables */
-} H = {NULL, -1, -1, -1, -1, -1, -1, -1, -1};
+} H = {NULL, -1, -1, -1, -1, -1, -1, NULL, -1};
 
-/* The key (its address, as a light userdata) under which a req table keeps its box, and a
- * res table its list of body filters. */
-static const char box_key = 0;
+/* The key (its address, as a light userdata) under which a res table keeps its list of body
+ * filters. */
 static const char filters_key = 0;
 
-typedef struct box { mg_request_t *req; } box_t;
+/* A req object. REQ is NULL once the request is freed; HAS_FIELDS says that the object's
+ * environment table is its own (a fresh userdata's is the globals table of its maker). */
+typedef struct req_obj {
+  mg_request_t *req;
+  int has_fields;
+} req_obj_t;
 
 /* What a request's hooks hold. */
 typedef struct hookrun {
   mg_task_t task;
   mg_request_t *req;
-  box_t *box;
-  int req_ref;                  /* the req table */
+  req_obj_t *obj;               /* the req object, or NULL before the first step */
+  int req_slot;                 /* registry slot that holds it (0: none yet); kept by spares */
   int res_ref;                  /* the res table of the response hooks, or -1 */
   int started;                  /* the driver is on the coroutine */
   int step;                     /* MG_HOOK_* of the running step */
@@ -112,23 +118,50 @@ static void step_finished(hookrun_t *h, mg_lua_status_t st);
 
 static hookrun_t *hookrun_of(const mg_request_t *req) { return req->hooks; }
 
-/* The box of the req table at IDX; raises when it is not one or the request is gone (unless
- * GONE_OK, then returns NULL for a finished request). */
+/* The req object at IDX; raises when the value there is not one. */
+static req_obj_t *to_req_obj(lua_State *L, int idx) {
+  req_obj_t *o = lua_touserdata(L, idx);
+  if (o && lua_getmetatable(L, idx)) {
+    int ours = lua_topointer(L, -1) == H.req_mt_ptr;
+    lua_pop(L, 1);
+    if (ours) return o;
+  }
+  luaL_error(L, "expected a request object (call it as req:method(...))");
+  return NULL;
+}
+
+/* The request of the req object at IDX; raises when it is not one or the request is gone
+ * (unless GONE_OK, then returns NULL for a finished request). */
 static mg_request_t *check_req(lua_State *L, int idx, int gone_ok) {
-  if (lua_type(L, idx) != LUA_TTABLE) {
-    luaL_error(L, "expected a request object (call it as req:method(...))");
-    return NULL;
+  req_obj_t *o = to_req_obj(L, idx);
+  if (!o->req && !gone_ok) luaL_error(L, "the request has finished");
+  return o->req;
+}
+
+/* Pushes the environment table of the req object at IDX (an absolute index) and returns 1;
+ * makes it when CREATE, else pushes nothing and returns 0 when there is none. */
+static int push_req_fields(lua_State *L, int idx, int create) {
+  req_obj_t *o = lua_touserdata(L, idx);
+  if (o->has_fields) {
+    lua_getfenv(L, idx);
+    return 1;
   }
-  lua_pushlightuserdata(L, (void *)&box_key);
-  lua_rawget(L, idx);
-  box_t *b = lua_touserdata(L, -1);
-  lua_pop(L, 1);
-  if (!b) {
-    luaL_error(L, "expected a request object (call it as req:method(...))");
-    return NULL;
+  if (!create) return 0;
+  lua_createtable(L, 0, 4);
+  lua_pushvalue(L, -1);
+  lua_setfenv(L, idx);
+  o->has_fields = 1;
+  return 1;
+}
+
+/* Pushes key K of the req object's own fields at IDX, or nil. */
+static void push_req_own(lua_State *L, int idx, const char *k) {
+  if (!push_req_fields(L, idx, 0)) {
+    lua_pushnil(L);
+    return;
   }
-  if (!b->req && !gone_ok) luaL_error(L, "the request has finished");
-  return b->req;
+  lua_getfield(L, -1, k);
+  lua_replace(L, -2);
 }
 
 /* A header name must be a token; a value must not hold CR, LF or NUL. */
@@ -316,7 +349,11 @@ static int push_field(lua_State *L, const mg_request_t *req, const char *k, int 
       break;
     case 'p':
       if (strcmp(k, "path") == 0) { lua_pushlstring(L, req->path, req->path_len); return 1; }
-      if (strcmp(k, "params") == 0) { push_params(L, req); *cache = 1; return 1; }
+      if (strcmp(k, "params") == 0) {          /* before routing: {}, not kept */
+        push_params(L, req);
+        *cache = req->route != NULL;
+        return 1;
+      }
       break;
     case 'q':
       if (strcmp(k, "query") == 0) {
@@ -368,27 +405,37 @@ static const char *const req_fields[] = {"method", "path", "query", "args", "par
                                          "host", "client", "ctx", "id", "route", "target",
                                          "version", NULL};
 
-/* __index of req tables: methods (upvalue 1), then fields. */
+/* __index of req objects: the script's own keys and cached tables, methods (upvalue 1),
+ * then fields. */
 static int req_index(lua_State *L) {
+  req_obj_t *o = to_req_obj(L, 1);
+  if (o->has_fields) {
+    lua_getfenv(L, 1);
+    lua_pushvalue(L, 2);
+    lua_rawget(L, -2);
+    if (!lua_isnil(L, -1)) return 1;
+    lua_settop(L, 2);
+  }
   lua_pushvalue(L, 2);
   lua_rawget(L, lua_upvalueindex(1));
   if (!lua_isnil(L, -1)) return 1;
   lua_settop(L, 2);
-  if (lua_type(L, 2) != LUA_TSTRING) return 0;
-  mg_request_t *req = check_req(L, 1, 1);
-  if (!req) return 0;                        /* finished: fields were copied in (or nil) */
+  if (!o->req || lua_type(L, 2) != LUA_TSTRING) return 0;   /* finished: fields were copied */
   int cache;
-  if (!push_field(L, req, lua_tostring(L, 2), &cache)) return 0;
+  if (!push_field(L, o->req, lua_tostring(L, 2), &cache)) return 0;
   if (cache) {
+    push_req_fields(L, 1, 1);
     lua_pushvalue(L, 2);
-    lua_pushvalue(L, -2);
-    lua_rawset(L, 1);
+    lua_pushvalue(L, -3);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
   }
   return 1;
 }
 
 /* __newindex: fields are read-only; other keys (consumer, anything) are the script's. */
 static int req_newindex(lua_State *L) {
+  to_req_obj(L, 1);
   if (lua_type(L, 2) == LUA_TSTRING) {
     const char *k = lua_tostring(L, 2);
     for (int i = 0; req_fields[i]; i++)
@@ -397,7 +444,9 @@ static int req_newindex(lua_State *L) {
                           strcmp(k, "path") == 0 ? " (use req:set_path in a request hook)"
                           : strcmp(k, "headers") == 0 ? " (use req:set_header)" : "");
   }
-  lua_rawset(L, 1);
+  push_req_fields(L, 1, 1);
+  lua_insert(L, 2);
+  lua_rawset(L, 2);
   return 0;
 }
 
@@ -406,8 +455,8 @@ static int l_req_header(lua_State *L) {
   size_t n;
   const char *name = luaL_checklstring(L, 2, &n);
   if (!req) {                                /* after the request: the copied headers */
-    lua_getfield(L, 1, "headers");
-    if (!lua_istable(L, -1)) return 0;
+    push_req_own(L, 1, "headers");
+    if (!lua_istable(L, -1)) return 1;       /* nil: never read during the request */
     push_lower(L, name, n);
     lua_rawget(L, -2);
     return 1;
@@ -447,8 +496,7 @@ static int l_req_set_header(lua_State *L) {
   }
   h->nedits++;
   /* Keep a cached req.headers in step. */
-  lua_pushliteral(L, "headers");
-  lua_rawget(L, 1);
+  push_req_own(L, 1, "headers");
   if (lua_istable(L, -1)) {
     push_lower(L, name, nl);
     lua_pushvalue(L, 3);
@@ -487,9 +535,11 @@ static int l_req_set_path(lua_State *L) {
     req->query = copy + outlen + 1;
     req->query_len = n - plen - 1;
   }
-  lua_pushliteral(L, "args");                /* a cached req.args is stale now */
-  lua_pushnil(L);
-  lua_rawset(L, 1);
+  if (push_req_fields(L, 1, 0)) {            /* a cached req.args is stale now */
+    lua_pushliteral(L, "args");
+    lua_pushnil(L);
+    lua_rawset(L, -3);
+  }
   return 0;
 }
 
@@ -691,7 +741,7 @@ static int setup_cb(lua_State *L) {
     lua_getfield(L, t, names[i]);
     *refs[i] = luaL_ref(L, LUA_REGISTRYINDEX);
   }
-  /* req: a table with this metatable; methods in mt.methods. */
+  /* req: a userdata with this metatable; the methods are __index's upvalue. */
   lua_createtable(L, 0, 4);
   lua_createtable(L, 0, 6);
   const luaL_Reg req_methods[] = {{"header", l_req_header}, {"set_header", l_req_set_header},
@@ -709,12 +759,8 @@ static int setup_cb(lua_State *L) {
   lua_setfield(L, -2, "__newindex");
   lua_pushboolean(L, 0);
   lua_setfield(L, -2, "__metatable");
+  H.req_mt_ptr = lua_topointer(L, -1);
   H.req_mt = luaL_ref(L, LUA_REGISTRYINDEX);
-
-  lua_createtable(L, 0, 1);
-  lua_pushboolean(L, 0);
-  lua_setfield(L, -2, "__metatable");
-  H.box_mt = luaL_ref(L, LUA_REGISTRYINDEX);
 
   lua_createtable(L, 0, 2);
   lua_createtable(L, 0, 6);
@@ -788,7 +834,7 @@ static hookrun_t *hookrun_get(mg_request_t *req) {
     if (!h) return NULL;
   }
   h->req = req;
-  h->req_ref = h->res_ref = -1;
+  h->res_ref = -1;
   h->task.w = req->w;
   h->task.gen = req->gen;
   h->task.req = req;
@@ -798,26 +844,41 @@ static hookrun_t *hookrun_get(mg_request_t *req) {
   return h;
 }
 
-/* Makes the coroutine and the req table when there are none. Returns 0 or -1. */
+/* Makes the coroutine and the req object when there are none. The object is kept in the
+ * hook state's registry slot, which a spare keeps for its next request (a slot is let go as
+ * `false`, never nil, so that luaL_ref cannot hand it out again). Returns 0 or -1. */
 static int hookrun_ready(hookrun_t *h) {
   if (!h->task.run) {
     h->task.run = mg_lua_run_new(H.vm);
     if (!h->task.run) return -1;
     h->started = 0;
   }
-  if (h->req_ref >= 0) return 0;
+  if (h->obj) return 0;
   lua_State *co = mg_lua_run_thread(h->task.run);
-  lua_createtable(co, 0, 4);
-  lua_pushlightuserdata(co, (void *)&box_key);
-  h->box = lua_newuserdata(co, sizeof(box_t));
-  h->box->req = h->req;
-  lua_rawgeti(co, LUA_REGISTRYINDEX, H.box_mt);
-  lua_setmetatable(co, -2);
-  lua_rawset(co, -3);
+  req_obj_t *o = lua_newuserdata(co, sizeof *o);
+  o->req = h->req;
+  o->has_fields = 0;
   lua_rawgeti(co, LUA_REGISTRYINDEX, H.req_mt);
   lua_setmetatable(co, -2);
-  h->req_ref = luaL_ref(co, LUA_REGISTRYINDEX);
+  if (h->req_slot > 0) lua_rawseti(co, LUA_REGISTRYINDEX, h->req_slot);
+  else h->req_slot = luaL_ref(co, LUA_REGISTRYINDEX);
+  h->obj = o;
   return 0;
+}
+
+/* Lets go of the req object (and, when FOREVER, of the registry slot that held it). */
+static void hookrun_drop_obj(hookrun_t *h, int forever) {
+  lua_State *L = mg_lua_vm_state(H.vm);
+  if (h->obj) h->obj->req = NULL;
+  h->obj = NULL;
+  if (h->req_slot <= 0) return;
+  if (forever) {
+    luaL_unref(L, LUA_REGISTRYINDEX, h->req_slot);
+    h->req_slot = 0;
+  } else {
+    lua_pushboolean(L, 0);
+    lua_rawseti(L, LUA_REGISTRYINDEX, h->req_slot);
+  }
 }
 
 /* Drops the coroutine (after an error, or a yield that was not ours). */
@@ -891,7 +952,7 @@ static void push_list_step(hookrun_t *h, const char *key, int arg_ref) {
   lua_State *co = mg_lua_run_thread(h->task.run);
   lua_rawgeti(co, LUA_REGISTRYINDEX, H.run_list);
   push_hook_value(co, h->req, key);
-  lua_rawgeti(co, LUA_REGISTRYINDEX, h->req_ref);
+  lua_rawgeti(co, LUA_REGISTRYINDEX, h->req_slot);
   if (arg_ref >= 0) lua_rawgeti(co, LUA_REGISTRYINDEX, arg_ref);
   else lua_pushnil(co);
 }
@@ -1338,7 +1399,7 @@ void mg_hooks_run(mg_request_t *req, int hook) {
   lua_State *co = mg_lua_run_thread(h->task.run);
   if (hook == MG_HOOK_HANDLER) {
     push_hook_value(co, req, "handler");
-    lua_rawgeti(co, LUA_REGISTRYINDEX, h->req_ref);
+    lua_rawgeti(co, LUA_REGISTRYINDEX, h->req_slot);
     lua_pushnil(co);
     lua_pushnil(co);
   } else {
@@ -1389,8 +1450,11 @@ static void log_resumed(mg_task_t *t, mg_lua_status_t st) {
   logtask_free(lt);
 }
 
-/* Copies the req fields into the req table, so they outlive the request. */
-static void snapshot_req(lua_State *L, int t, mg_request_t *req) {
+/* Copies the req fields into the environment table of the req object at OBJ, so they outlive
+ * the request. */
+static void snapshot_req(lua_State *L, int obj, mg_request_t *req) {
+  push_req_fields(L, obj, 1);
+  int t = lua_gettop(L);
   for (int i = 0; req_fields[i]; i++) {
     lua_pushstring(L, req_fields[i]);
     lua_rawget(L, t);
@@ -1404,6 +1468,7 @@ static void snapshot_req(lua_State *L, int t, mg_request_t *req) {
       lua_rawset(L, t);
     }
   }
+  lua_pop(L, 1);
 }
 
 void mg_hooks_run_log(mg_request_t *req) {
@@ -1426,7 +1491,7 @@ void mg_hooks_run_log(mg_request_t *req) {
   lua_State *co = mg_lua_run_thread(lt->task.run);
   lua_rawgeti(co, LUA_REGISTRYINDEX, H.run_list);
   push_hook_value(co, req, "log");
-  lua_rawgeti(co, LUA_REGISTRYINDEX, h->req_ref);
+  lua_rawgeti(co, LUA_REGISTRYINDEX, h->req_slot);
   snapshot_req(co, lua_gettop(co), req);
   /* res: what was answered. */
   lua_createtable(co, 0, 6);
@@ -1461,9 +1526,7 @@ void mg_hooks_request_free(mg_request_t *req) {
   if (!h) return;
   req->hooks = NULL;
   mg_task_cancel(&h->task);
-  if (h->box) h->box->req = NULL;
   lua_State *L = mg_lua_vm_state(H.vm);
-  if (h->req_ref >= 0) luaL_unref(L, LUA_REGISTRYINDEX, h->req_ref);
   if (h->res_ref >= 0) luaL_unref(L, LUA_REGISTRYINDEX, h->res_ref);
   for (size_t i = 0; i < h->nedits; i++) {
     free(h->edits[i].name);
@@ -1474,15 +1537,19 @@ void mg_hooks_request_free(mg_request_t *req) {
   /* A coroutine whose driver waits at the end of a step is kept for the next request. */
   int idle = h->task.run && h->started && h->step == -1 && !h->resp_body_waiting &&
              !h->body_waiting;
-  if (idle && nspare_runs < MG_SPARE_HOOKRUNS && !req->w->stopping) {
+  int keep = idle && nspare_runs < MG_SPARE_HOOKRUNS && !req->w->stopping;
+  hookrun_drop_obj(h, !keep);
+  if (keep) {
     lua_settop(mg_lua_run_thread(h->task.run), 0);
     mg_lua_run_t *run = h->task.run;
+    int slot = h->req_slot;
     mg_buf_t body = h->body, resp_body = h->resp_body, resp_head = h->resp_head;
     mg_buf_reset(&body, 16 * 1024);
     mg_buf_reset(&resp_body, 16 * 1024);
     mg_buf_reset(&resp_head, 4 * 1024);
     memset(h, 0, sizeof *h);
     h->task.run = run;
+    h->req_slot = slot;
     h->started = 1;
     h->step = -1;
     h->body = body;
@@ -1501,6 +1568,7 @@ void mg_hooks_request_free(mg_request_t *req) {
 void mg_hooks_free_spares(void) {
   while (nspare_runs) {
     hookrun_t *h = spare_runs[--nspare_runs];
+    hookrun_drop_obj(h, 1);
     mg_lua_run_free(h->task.run);
     mg_buf_dispose(&h->body);
     mg_buf_dispose(&h->resp_body);

@@ -423,6 +423,47 @@ route "/ro/:f" {
         assert "req.%s is read-only%s" % (field, hint) in entry, entry
 
 
+def test_req_params_read_before_routing_are_not_kept_for_the_route():
+    """req.params is {} in the global request hook; the route's hooks then see its captures."""
+    g = hook_gateway(r'''
+hooks { request = function(req) req.ctx.before = next(req.params) == nil end }
+route "/p/:id" {
+  access = function(req) req.ctx.access = req.params.id end,
+  handler = function(req)
+    return 200, { before = req.ctx.before, access = req.ctx.access, id = req.params.id }
+  end,
+}
+''')
+    assert get(g, "/p/42").json() == {"before": True, "access": "42", "id": "42"}
+
+
+def test_req_kept_after_its_request_keeps_the_scripts_keys_not_the_fields():
+    """A req kept by a timer: keys the script set stay readable, the fields of a request
+    without log hooks read nil (req.ctx too, never read during the request), and methods on
+    it still answer (req:header: nil)."""
+    g = hook_gateway(r'''
+shared "d" { size = "1m" }
+route "/keep" {
+  access = function(req) req.note = "mine" end,
+  handler = function(req)
+    local seen_method = req.method
+    mg.timer(0.05, function()
+      local d = mg.shared.d
+      d:set("kept", table.concat({ seen_method, tostring(req.note), tostring(req.method),
+                                   tostring(req:header("host")), tostring(req.ctx) }, "|"))
+    end)
+    return 200, { note = req.note }
+  end,
+}
+''' + SHARED_READER)
+    with Client(g.port) as c:
+        for _ in range(2):
+            r = c.request("GET", "/keep")
+            assert r.status == 200 and json.loads(r.body) == {"note": "mine"}, r
+    assert wait_for(lambda: shared_value(g, "kept") is not None, timeout=3), g.stderr_text()
+    assert shared_value(g, "kept") == "GET|mine|nil|nil|nil"
+
+
 def test_set_header_reaches_the_upstream_and_nil_removes_an_incoming_header(echo_upstream):
     g = hook_gateway(r'''
 route "/h" {
