@@ -439,11 +439,17 @@ static int bigint_eq(lua_State *L) {
   return 1;
 }
 
-static int bigint_concat(lua_State *L) {
+
+/* __concat of bigints and raw values: each operand that is one stands for its text. */
+static int text_concat(lua_State *L) {
   for (int i = 1; i <= 2; i++) {
-    if (lua_type(L, i) == LUA_TUSERDATA) {
-      lua_pushlstring(L, lua_touserdata(L, i), lua_objlen(L, i));
+    const char *s;
+    size_t n;
+    if (is_bigint(L, i, &s, &n) || is_raw(L, i, &s, &n)) {
+      lua_pushlstring(L, s, n);
       lua_replace(L, i);
+    } else if (lua_type(L, i) != LUA_TSTRING && lua_type(L, i) != LUA_TNUMBER) {
+      return luaL_error(L, "attempt to concatenate a %s value", luaL_typename(L, i));
     }
   }
   lua_concat(L, 2);
@@ -460,7 +466,7 @@ static void push_bigint_mt(lua_State *L) {
   lua_setfield(L, -2, "__tostring");
   lua_pushcfunction(L, bigint_eq);
   lua_setfield(L, -2, "__eq");
-  lua_pushcfunction(L, bigint_concat);
+  lua_pushcfunction(L, text_concat);
   lua_setfield(L, -2, "__concat");
   lua_pushliteral(L, "bigint");
   lua_setfield(L, -2, "__metatable");
@@ -707,9 +713,11 @@ static void push_raw_mt(lua_State *L) {
   lua_rawget(L, LUA_REGISTRYINDEX);
   if (!lua_isnil(L, -1)) return;
   lua_pop(L, 1);
-  lua_createtable(L, 0, 2);
+  lua_createtable(L, 0, 3);
   lua_pushcfunction(L, raw_tostring);
   lua_setfield(L, -2, "__tostring");
+  lua_pushcfunction(L, text_concat);
+  lua_setfield(L, -2, "__concat");
   lua_pushliteral(L, "raw json");
   lua_setfield(L, -2, "__metatable");
   lua_pushlightuserdata(L, (void *)&raw_mt_key);
@@ -729,7 +737,7 @@ static int is_yajl_space(char c) {
 }
 
 /* json.raw(text) -> a raw JSON value, or nil, "parse error at byte N: ..." as decode says it.
- * A raw value given to json.raw comes back as it is. */
+ * A raw value given to json.raw comes back as it is; a bigint gives its digits. */
 static int l_raw(lua_State *L) {
   size_t len;
   const char *text;
@@ -737,7 +745,7 @@ static int l_raw(lua_State *L) {
     lua_settop(L, 1);
     return 1;
   }
-  text = luaL_checklstring(L, 1, &len);
+  if (!is_bigint(L, 1, &text, &len)) text = luaL_checklstring(L, 1, &len);
   /* Nothing below raises between yajl_alloc and yajl_free: the callbacks touch no Lua. */
   checker_t c = {0};
   yajl_handle h = yajl_alloc(&check_callbacks, NULL, &c);

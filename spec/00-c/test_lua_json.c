@@ -482,6 +482,17 @@ static void test_raw(void) {
   MG_CHECK_STR(str("tostring(json.raw(42))"), "42");
   MG_CHECK_STR(str("json.encode({json.raw(42), json.raw(0.5)})"), "[42,0.5]");
   MG_CHECK_STR(failure("json.raw(math.huge)"), "parse error at byte 1: invalid char in json text.");
+  /* A bigint (a decoded integer beyond 2^53) gives its digits. */
+  run("big = json.decode('[123456789012345678901]')[1]");
+  MG_CHECK_STR(str("json.encode({n = json.raw(big)})"), "{\"n\":123456789012345678901}");
+  CHECK_TRUE("getmetatable(json.raw(big)) == 'raw json'");
+  /* .. joins a raw value's text (and a bigint's digits) with strings and numbers. */
+  MG_CHECK_STR(str("'id=' .. json.raw(' [1, 2] ') .. ';'"), "id=[1, 2];");
+  MG_CHECK_STR(str("json.raw('{}') .. 1"), "{}1");
+  MG_CHECK_STR(str("json.raw('\"a\"') .. big"), "\"a\"123456789012345678901");
+  MG_CHECK_STR(str("big .. json.raw('0')"), "1234567890123456789010");
+  MG_CHECK_STR(error_of("return json.raw('1') .. {}"), "t:1: attempt to concatenate a table value");
+  MG_CHECK_STR(error_of("return big .. true"), "t:1: attempt to concatenate a boolean value");
   /* Anything else that is not a string raises. */
   MG_CHECK_STR(error_of("json.raw({})"), "t:1: bad argument #1 to 'raw' (string expected, got table)");
   MG_CHECK_STR(error_of("json.raw()"), "t:1: bad argument #1 to 'raw' (string expected, got no value)");
