@@ -13,6 +13,7 @@
 #include "mg_config.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -550,6 +551,94 @@ void mg_config_snapshot(int mode)
     snapshot_clear(&snap_pending);
     snap_mode = 0;
   }
+}
+
+/* The committed copy in one file, for the workers of a reload: "MGSNAP1\n", the generation,
+ * the number of files, then each path and text with their lengths (u64, this machine's byte
+ * order: only this machine's workers read it), then "END\n". */
+static const char snap_magic[8] = "MGSNAP1\n", snap_end[4] = "END\n";
+
+static int put_u64(FILE *f, uint64_t v) { return fwrite(&v, sizeof v, 1, f) == 1 ? 0 : -1; }
+
+int mg_config_snapshot_write(const char *path, uint64_t gen)
+{
+  char tmp[4200];
+  if ((size_t)snprintf(tmp, sizeof tmp, "%s.tmp", path) >= sizeof tmp) {
+    errno = ENAMETOOLONG;
+    return -1;
+  }
+  /* Owner-only: the scripts may hold keys their own files keep private. */
+  int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  FILE *f = fd >= 0 ? fdopen(fd, "wb") : NULL;
+  if (!f) {
+    int e = errno;
+    if (fd >= 0) close(fd);
+    errno = e;
+    return -1;
+  }
+  int bad = fwrite(snap_magic, sizeof snap_magic, 1, f) != 1 || put_u64(f, gen) ||
+            put_u64(f, snap_current.n);
+  for (size_t i = 0; !bad && i < snap_current.n; i++) {
+    const snap_file_t *sf = &snap_current.files[i];
+    size_t pl = strlen(sf->path);
+    bad = put_u64(f, pl) || fwrite(sf->path, 1, pl, f) != pl || put_u64(f, sf->len) ||
+          fwrite(sf->text, 1, sf->len, f) != sf->len;
+  }
+  bad = bad || fwrite(snap_end, sizeof snap_end, 1, f) != 1;
+  int e = errno;
+  if (fclose(f) != 0 && !bad) {
+    bad = 1;
+    e = errno;
+  }
+  if (!bad && rename(tmp, path) == 0) return 0;
+  if (!bad) e = errno;
+  unlink(tmp);
+  errno = e ? e : EIO;
+  return -1;
+}
+
+/* Reads N bytes of F into a new buffer (with a NUL after them), or NULL. */
+static char *get_bytes(FILE *f, uint64_t n)
+{
+  if (n > (uint64_t)1 << 40) return NULL;
+  char *b = malloc((size_t)n + 1);
+  if (b && fread(b, 1, (size_t)n, f) != (size_t)n) {
+    free(b);
+    return NULL;
+  }
+  if (b) b[n] = '\0';
+  return b;
+}
+
+uint64_t mg_config_snapshot_read(const char *path)
+{
+  snapshot_clear(&snap_current);
+  FILE *f = fopen(path, "rb");
+  if (!f) return 0;
+  char magic[sizeof snap_magic], end[sizeof snap_end];
+  uint64_t gen = 0, n = 0;
+  int bad = fread(magic, sizeof magic, 1, f) != 1 || memcmp(magic, snap_magic, sizeof magic) ||
+            fread(&gen, sizeof gen, 1, f) != 1 || fread(&n, sizeof n, 1, f) != 1;
+  for (uint64_t i = 0; !bad && i < n; i++) {
+    uint64_t pl = 0, tl = 0;
+    char *p = NULL, *t = NULL;
+    bad = fread(&pl, sizeof pl, 1, f) != 1 || !(p = get_bytes(f, pl)) ||
+          fread(&tl, sizeof tl, 1, f) != 1 || !(t = get_bytes(f, tl));
+    if (!bad) {
+      size_t before = snap_current.n;
+      snapshot_add(&snap_current, p, t, (size_t)tl);
+      bad = snap_current.n == before;
+    }
+    free(p);
+    free(t);
+  }
+  bad = bad || fread(end, sizeof end, 1, f) != 1 || memcmp(end, snap_end, sizeof end);
+  fclose(f);
+  if (bad) {
+    snapshot_clear(&snap_current);
+    return 0;
+  }
+  return gen;
 }
 
 /* host.read_file(path) for config.lua: the file's text, or nil and why. */

@@ -150,11 +150,22 @@ int mg_config_load_vm(struct mg_lua_vm_s *vm, const char *file, mg_config_t *cfg
 /* The files a config loads, as the master accepted them. The master records what each load
  * reads (RECORD before loading, then COMMIT when it accepted the result, or OFF); a worker
  * it forks inherits the committed copy and loads its first generation from it (REPLAY, then
- * OFF), so a worker respawned after someone saved a broken file still starts on the
- * generation that is serving. Reloads read the files again. FREE releases the copies. */
+ * FREE), so a worker respawned after someone saved a broken file still starts on the
+ * generation that is serving. For a reload the master writes the committed copy to a file
+ * (mg_config_snapshot_write) before it signals the workers, and each worker loads the new
+ * generation from that file (mg_config_snapshot_read, REPLAY), not from the files as they
+ * are by then. FREE releases the copies. */
 enum { MG_SNAPSHOT_OFF = 0, MG_SNAPSHOT_RECORD, MG_SNAPSHOT_COMMIT, MG_SNAPSHOT_REPLAY,
        MG_SNAPSHOT_FREE };
 void mg_config_snapshot(int mode);
+
+/* Writes the committed copy, tagged with generation GEN, to PATH (through PATH.tmp and a
+ * rename, so a reader sees the old file or the new one whole). 0, or -1 with errno. */
+int mg_config_snapshot_write(const char *path, uint64_t gen);
+
+/* Makes the copy in PATH the committed one and returns its generation; 0 (and no copy) when
+ * there is no such file or it is not whole. */
+uint64_t mg_config_snapshot_read(const char *path);
 
 /* Frees everything the config owns (safe on a zeroed struct). */
 void mg_config_free(mg_config_t *cfg);

@@ -311,6 +311,14 @@ static void master_reload(master_t *m, const char *why) {
   mg_config_free(&next);
   mg_status_t *st = m->status;
   uint64_t gen = mg_status_load(&st->generation) + 1;
+  /* The workers load the files as checked here, not as they may be by the time they read. */
+  char files[4200];
+  mg_status_files_path(m->cfg->pid_file, files, sizeof files);
+  if (mg_config_snapshot_write(files, gen) != 0) {
+    mg_log_warn("reload: cannot write %s (%s); the workers read the config files again",
+                files, strerror(errno));
+    unlink(files);
+  }
   st->last_error[0] = '\0';
   st->last_ok = 1;
   st->last_time = mg_http_wall_time();
@@ -470,6 +478,9 @@ int mg_master_run(mg_config_t *cfg, int nworkers, int watch) {
     rc = 1;
     goto out;
   }
+  char files_path[4200];
+  mg_status_files_path(cfg->pid_file, files_path, sizeof files_path);
+  unlink(files_path);                        /* a stale one (an earlier run's) is not ours */
   m.status->master_pid = getpid();
   m.status->started = mg_http_wall_time();
   m.status->nworkers = nworkers;
@@ -514,6 +525,7 @@ int mg_master_run(mg_config_t *cfg, int nworkers, int watch) {
   uv_loop_close(&m.loop);
   if (cfg->pid_file) unlink(cfg->pid_file);
   unlink(status_path);
+  unlink(files_path);
   mg_config_snapshot(MG_SNAPSHOT_FREE);
   mg_log_info("moongate stopped");
   rc = 0;

@@ -46,6 +46,10 @@ void mg_status_close(const mg_status_t *s);
 /* The status file of a pid file: "<pid_file>.status" (into BUF). */
 void mg_status_path(const char *pid_file, char *buf, size_t len);
 
+/* The file through which the master hands a reload's config files to the workers (see
+ * mg_config_snapshot_write): "<pid_file>.files" (into BUF). */
+void mg_status_files_path(const char *pid_file, char *buf, size_t len);
+
 /* Atomic accessors for the counters. */
 static inline uint64_t mg_status_load(const uint64_t *p) {
   return __atomic_load_n(p, __ATOMIC_ACQUIRE);

@@ -83,8 +83,20 @@ static void worker_reload(mg_worker_t *w) {
   uint64_t id = mg_status_load(&the_status->generation);
   if (id <= w->gen->id) return;
   uint64_t t0 = uv_hrtime();
+  /* The files as the master checked them (it writes them before it announces a generation);
+   * without that file (it could not write it), the files as they are now. */
+  char files[4200];
+  mg_status_files_path(w->cfg->pid_file, files, sizeof files);
+  uint64_t checked = mg_config_snapshot_read(files);
+  if (checked >= id) {
+    id = checked;
+    mg_config_snapshot(MG_SNAPSHOT_REPLAY);
+  } else {
+    mg_config_snapshot(MG_SNAPSHOT_FREE);
+  }
   char *errors = NULL;
   mg_gen_t *g = mg_worker_load_gen(w, id, &errors);
+  mg_config_snapshot(MG_SNAPSHOT_FREE);
   mg_status_worker_t *me = my_status(w);
   /* What the load left behind (all of it, when it failed) must not count against the cap of
    * the generation that keeps serving. */

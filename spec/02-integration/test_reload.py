@@ -497,6 +497,34 @@ def test_a_worker_respawned_after_a_rejected_reload_serves_the_running_config():
         assert "cannot load" not in gw.stderr_text(), gw.stderr_text()[-1500:]
 
 
+def test_workers_load_the_files_the_master_checked_not_what_is_on_disk_later():
+    """A worker that takes its time to switch (here: stopped with SIGSTOP) still loads the
+    generation the master checked, though the handler file was broken on disk since."""
+    d = new_dir()
+    handler = os.path.join(d, "v.lua")
+    write_file(handler, 'return function(req) return 200, "v1" end\n')
+    body = 'route "GET /v" { handler = "%s" }\n' % handler
+    with start(body, workers=1) as gw:
+        assert_serves_only(gw, "/v", b"v1", n=3)
+        worker = gw.worker_pids()[0]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            write_file(handler, 'return function(req) return 200, "v2" end\n')
+            gw.signal(signal.SIGHUP)
+            # (The admin API is served by the workers: ask the master's log.)
+            assert wait_for(lambda: "generation 2 checked" in gw.stderr_text(), timeout=5)
+            write_file(handler, 'return function(req) return 200, "v3" end end\n')   # broken
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        wait_switched(gw, 2)
+        assert_serves_only(gw, "/v", b"v2", n=3)
+        assert "could not be loaded" not in gw.stderr_text(), gw.stderr_text()[-1500:]
+        # The master writes that hand-over file for itself: it is not the scripts' business.
+        files = os.path.join(gw.fmt["tmp"], "moongate.pid.files")
+        assert os.stat(files).st_mode & 0o077 == 0, oct(os.stat(files).st_mode)
+    assert not os.path.exists(files)
+
+
 def reload_applies_or_says_restart(gw):
     """Runs `moongate reload`: True when it took the file, False when it refused it as a
     change that needs a restart (any other outcome fails)."""
