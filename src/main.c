@@ -5,6 +5,7 @@
  *   moongate stop -c FILE                       SIGTERM the running master (pid file)
  *   moongate version */
 #include <errno.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -136,6 +137,34 @@ static int cmd_stop(mg_config_t *cfg) {
   return 0;
 }
 
+/* `moongate stop` with a config that does not load: the pid file it names is unknown. A
+ * broken file must not keep its running gateway from stopping, nor stop another one: the
+ * gateway of the default pid file is stopped only when its status file says it runs FILE. */
+static int cmd_stop_broken(const char *file) {
+  char want[PATH_MAX], spath[4200], running[4096] = "";
+  const char *def = "/tmp/moongate.pid";
+  if (!realpath(file, want)) snprintf(want, sizeof want, "%s", file);
+  mg_status_path(def, spath, sizeof spath);
+  const mg_status_t *st = mg_status_open(spath);
+  if (st) {
+    snprintf(running, sizeof running, "%.*s", (int)sizeof st->config_file - 1, st->config_file);
+    mg_status_close(st);
+  }
+  if (strcmp(running, want) != 0) {
+    fprintf(stderr,
+            "moongate: %s has errors (above), so the pid file it names is unknown; the gateway "
+            "of the default pid file %s %s%s; nothing was stopped. Fix the file, or send "
+            "SIGTERM to the master (its pid is in the pid file)\n",
+            file, def, st ? "runs " : "is not running", st ? running : "");
+    return 1;
+  }
+  fprintf(stderr, "moongate: %s has errors; stopping the gateway that runs it (pid file %s)\n",
+          file, def);
+  mg_config_t none;
+  memset(&none, 0, sizeof none);
+  return cmd_stop(&none);
+}
+
 int main(int argc, char **argv) {
   const char *file = DEFAULT_CONFIG;
   const char *cmd = "run";
@@ -181,14 +210,7 @@ int main(int argc, char **argv) {
   mg_config_t cfg;
   memset(&cfg, 0, sizeof cfg);
   if (strcmp(cmd, "run") == 0) mg_config_snapshot(MG_SNAPSHOT_RECORD);
-  if (load(file, &cfg) != 0) {
-    if (strcmp(cmd, "stop") != 0) return 1;
-    /* A broken file must not keep a running gateway from stopping. */
-    fprintf(stderr, "moongate: the config has errors; stopping the gateway of the default "
-                    "pid file /tmp/moongate.pid\n");
-    memset(&cfg, 0, sizeof cfg);
-    return cmd_stop(&cfg);
-  }
+  if (load(file, &cfg) != 0) return strcmp(cmd, "stop") == 0 ? cmd_stop_broken(file) : 1;
   if (strcmp(cmd, "run") == 0) mg_config_snapshot(MG_SNAPSHOT_COMMIT);
   int rc;
   if (strcmp(cmd, "check") == 0) {

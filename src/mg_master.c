@@ -1,6 +1,7 @@
 /* mg_master: the master process (see mg_master.h). */
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <arpa/inet.h>
 #include <signal.h>
@@ -482,6 +483,9 @@ int mg_master_run(mg_config_t *cfg, int nworkers, int watch) {
   mg_status_files_path(cfg->pid_file, files_path, sizeof files_path);
   unlink(files_path);                        /* a stale one (an earlier run's) is not ours */
   m.status->master_pid = getpid();
+  char config_abs[PATH_MAX];
+  snprintf(m.status->config_file, sizeof m.status->config_file, "%s",
+           realpath(cfg->file, config_abs) ? config_abs : cfg->file);
   m.status->started = mg_http_wall_time();
   m.status->nworkers = nworkers;
   m.status->generation = 1;

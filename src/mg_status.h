@@ -32,6 +32,7 @@ typedef struct mg_status {
   double last_time;
   char last_error[8192];        /* "file:line: message" lines of the last failed attempt */
   mg_status_worker_t workers[MG_STATUS_MAX_WORKERS];
+  char config_file[4096];       /* the absolute path of the config the master runs */
 } mg_status_t;
 
 /* The master's: creates (truncates) PATH and maps it. NULL with errno on failure. */

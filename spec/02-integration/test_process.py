@@ -209,6 +209,45 @@ def test_stop_command_stops_the_master_and_removes_the_pid_file():
         assert connection_refused(gw.port)
 
 
+def test_stop_with_a_config_that_no_longer_loads_stops_nothing_it_cannot_name():
+    """`moongate stop -c FILE` on a FILE that no longer loads cannot know the pid file FILE
+    names: it stops nothing (not the default pid file's gateway either) and says so."""
+    with Gateway(gateway_block() + HELLO) as gw:
+        with open(gw.config_path, "a") as f:
+            f.write('route "GET /x" {\n')
+        r = subprocess.run([moongate_bin(), "stop", "-c", gw.config_path], text=True,
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=20)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert re.search(re.escape(gw.config_path) + r":\d+: ", r.stderr), r.stderr   # file:line
+        assert "nothing was stopped" in r.stderr, r.stderr
+        assert "send SIGTERM to the master" in r.stderr, r.stderr
+        assert request(gw.port, "GET", "/hello").body == b"hello\n"
+
+
+@pytest.mark.skipif(os.path.exists("/tmp/moongate.pid"),
+                    reason="a gateway runs on the default pid file")
+def test_stop_with_a_config_that_no_longer_loads_stops_its_gateway_on_the_default_pid_file():
+    """With the default pid file, the gateway there is stopped when it runs that very file."""
+    with Gateway('gateway { access_log = "{tmp}/access.log", error_log = "stderr" }\n' +
+                 HELLO) as gw:
+        assert wait_for(lambda: os.path.exists("/tmp/moongate.pid.status"), timeout=3)
+        with open(gw.config_path, "a") as f:
+            f.write('route "GET /x" {\n')
+        stopper = subprocess.Popen([moongate_bin(), "stop", "-c", gw.config_path],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        try:
+            assert gw.wait_exit(10) == 0, gw.stderr_text()
+            out, _ = stopper.communicate(timeout=10)
+        finally:
+            if stopper.poll() is None:
+                stopper.kill()
+                stopper.wait()
+        assert stopper.returncode == 0, out
+        assert "stopping the gateway that runs it" in out, out
+        assert not os.path.exists("/tmp/moongate.pid")
+
+
 # ---------------------------------------------------------------------------------------------
 # Start-up errors
 # ---------------------------------------------------------------------------------------------
