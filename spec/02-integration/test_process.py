@@ -185,6 +185,23 @@ def test_drain_timeout_cuts_a_request_that_runs_too_long():
             release.set()
 
 
+def stop_with_cli(gw, timeout):
+    """Runs `moongate stop -c CONFIG`; returns (the gateway's exit code, stop's exit code, stop's
+    output). `moongate stop` may wait for the master to go away; the master is our child, so
+    it is reaped here meanwhile (a zombie would otherwise look alive to it)."""
+    stopper = subprocess.Popen([moongate_bin(), "stop", "-c", gw.config_path],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        code = gw.wait_exit(timeout)
+        out, _ = stopper.communicate(timeout=timeout)
+    finally:
+        if stopper.poll() is None:
+            stopper.kill()
+            stopper.wait()
+    return code, stopper.returncode, out
+
+
 def test_stop_command_stops_the_master_and_removes_the_pid_file():
     config = gateway_block() + HELLO
     with Gateway(config) as gw:
@@ -192,19 +209,9 @@ def test_stop_command_stops_the_master_and_removes_the_pid_file():
         assert wait_for(lambda: os.path.exists(pid_file), timeout=2)
         with open(pid_file) as f:
             assert int(f.read().strip()) == gw.pid
-        # `moongate stop` may wait for the master to go away; the master is our child, so it
-        # is reaped here meanwhile (a zombie would otherwise look alive to it).
-        stopper = subprocess.Popen([moongate_bin(), "stop", "-c", gw.config_path],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT)
-        try:
-            assert gw.wait_exit(5) == 0, gw.stderr_text()
-            out, _ = stopper.communicate(timeout=5)
-        finally:
-            if stopper.poll() is None:
-                stopper.kill()
-                stopper.wait()
-        assert stopper.returncode == 0, out
+        code, rc, out = stop_with_cli(gw, 5)
+        assert code == 0, gw.stderr_text()
+        assert rc == 0, out
         assert not os.path.exists(pid_file)
         assert connection_refused(gw.port)
 
@@ -233,17 +240,9 @@ def test_stop_with_a_config_that_no_longer_loads_stops_its_gateway_on_the_defaul
         assert wait_for(lambda: os.path.exists("/tmp/moongate.pid.status"), timeout=3)
         with open(gw.config_path, "a") as f:
             f.write('route "GET /x" {\n')
-        stopper = subprocess.Popen([moongate_bin(), "stop", "-c", gw.config_path],
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
-        try:
-            assert gw.wait_exit(10) == 0, gw.stderr_text()
-            out, _ = stopper.communicate(timeout=10)
-        finally:
-            if stopper.poll() is None:
-                stopper.kill()
-                stopper.wait()
-        assert stopper.returncode == 0, out
+        code, rc, out = stop_with_cli(gw, 10)
+        assert code == 0, gw.stderr_text()
+        assert rc == 0, out
         assert "stopping the gateway that runs it" in out, out
         assert not os.path.exists("/tmp/moongate.pid")
 
