@@ -22,6 +22,7 @@
 #include <lua.h>
 
 #include "mg_log.h"
+#include "mg_lua_fetch.h"
 #include "mg_request.h"
 #include "mg_task.h"
 
@@ -82,7 +83,8 @@ static int l_current_request_id(lua_State *L) {
 
 /* mg.aggregate = the value of registry reference *REF; runs under lua_cpcall. The main
  * state's globals are the sandbox base (mg_lua_vm.c), where `mg` lives. The module's own
- * environment (that of M.run) gets current_request_id, for the gateway's error shape. */
+ * environment (that of M.run) gets current_request_id, for the gateway's error shape, and
+ * fetch_raw_for (mg_lua_fetch.h), for the pass-through of nest mode. */
 static int set_field_cb(lua_State *L) {
   const int *ref = lua_touserdata(L, 1);
   lua_getfield(L, LUA_GLOBALSINDEX, "mg");
@@ -93,6 +95,9 @@ static int set_field_cb(lua_State *L) {
     lua_getfenv(L, -1);
     lua_pushliteral(L, "current_request_id");
     lua_pushcfunction(L, l_current_request_id);
+    lua_rawset(L, -3);
+    lua_pushliteral(L, "fetch_raw_for");
+    lua_pushcfunction(L, mg_lua_fetch_raw_for);
     lua_rawset(L, -3);
     lua_pop(L, 1);
   }

@@ -545,6 +545,7 @@ typedef struct call {
 struct op {
   mg_task_t *t;
   int all;                        /* mg.fetch_all: n results and the errors table */
+  int raw;                        /* mg_lua_fetch_raw_all: 2n results and the errors table */
   size_t n, pending;
   int nresults;
   call_t calls[];
@@ -563,9 +564,28 @@ static void push_call_error(lua_State *L, const call_t *c) {
   }
 }
 
+/* For call I of a raw op (results table at -3): its status at 2I+1 and, for a 2xx, at 2I+2
+ * the body as a raw JSON value or why it is not JSON ("parse error at byte N: ..."). */
+static void set_raw_result(lua_State *L, const call_t *c, size_t i) {
+  int status = mg_fetch_status(c->f);
+  lua_pushinteger(L, status);
+  lua_rawseti(L, -3, 2 * (int)i + 1);
+  if (status < 200 || status > 299) return;
+  size_t bl;
+  const char *body = mg_fetch_body(c->f, &bl);
+  char msg[200];
+  if (mg_json_push_raw(L, body, bl, msg, sizeof msg) != 0) lua_pushstring(L, msg);
+  lua_rawseti(L, -3, 2 * (int)i + 2);
+}
+
+/* The number of values the Lua function returns for OP. */
+static int result_count(const op_t *op) {
+  return op->raw ? 2 * (int)op->n + 1 : op->all ? (int)op->n + 1 : 2;
+}
+
 /* Pushes a table holding the values the Lua function returns; returns how many there are. */
 static int build_results(lua_State *L, const op_t *op) {
-  lua_createtable(L, (int)op->n + 1, 0);
+  lua_createtable(L, result_count(op), 0);
   if (!op->all) {
     const call_t *c = &op->calls[0];
     if (call_ok(c)) {
@@ -580,7 +600,9 @@ static int build_results(lua_State *L, const op_t *op) {
   lua_newtable(L);                           /* the errors */
   for (size_t i = 0; i < op->n; i++) {
     const call_t *c = &op->calls[i];
-    if (call_ok(c)) {
+    if (call_ok(c) && op->raw) {
+      set_raw_result(L, c, i);
+    } else if (call_ok(c)) {
       push_res(L, c->f);
       lua_rawseti(L, -3, (int)i + 1);
     } else {
@@ -588,8 +610,8 @@ static int build_results(lua_State *L, const op_t *op) {
       lua_rawseti(L, -2, (int)i + 1);
     }
   }
-  lua_rawseti(L, -2, (int)op->n + 1);
-  return (int)op->n + 1;
+  lua_rawseti(L, -2, result_count(op));
+  return result_count(op);
 }
 
 /* Replaces the results table on top of L by its COUNT values. */
@@ -633,7 +655,7 @@ static void op_complete(op_t *op) {
     unpack_results(co, count);
   } else {
     /* Out of memory: nil for every result, then the message. */
-    count = op->all ? (int)op->n + 1 : 2;
+    count = result_count(op);
     for (int i = 0; i < count - 1; i++) lua_pushnil(co);
     lua_xmove(L, co, 1);
   }
@@ -663,7 +685,7 @@ static uint64_t call_timeout_ms(const spec_t *sp, double overall) {
 
 /* Starts the calls read into S and waits for them (or returns at once when none could
  * start). */
-static int start_op(const ctx_t *c, scratch_t *s, int all, double overall) {
+static int start_op(const ctx_t *c, scratch_t *s, int all, int raw, double overall) {
   lua_State *L = c->L;
   size_t n = s->n, runnable = 0;
   for (size_t i = 0; i < n; i++) runnable += s->specs[i].early_err == 0;
@@ -675,6 +697,7 @@ static int start_op(const ctx_t *c, scratch_t *s, int all, double overall) {
   memset(op, 0, size);
   op->t = c->t;
   op->all = all;
+  op->raw = raw;
   op->n = n;
   for (size_t i = 0; i < n; i++) {
     spec_t *sp = &s->specs[i];
@@ -698,10 +721,10 @@ static int start_op(const ctx_t *c, scratch_t *s, int all, double overall) {
   }
   if (!runnable) {
     unpack_results(L, build_results(L, op));
-    return all ? (int)n + 1 : 2;
+    return result_count(op);
   }
   /* Room for the results on this coroutine's stack, while raising is still safe. */
-  if (!lua_checkstack(L, (int)n + 4)) {
+  if (!lua_checkstack(L, result_count(op) + 4)) {
     op_free(op);
     return luaL_error(L, "%s: stack overflow", c->fname);
   }
@@ -718,14 +741,15 @@ static int l_fetch(lua_State *L) {
   lua_settop(L, 2);
   scratch_t *s = push_scratch(L, 1);
   read_call(&c, &s->specs[0], 1, 2, 0);
-  return start_op(&c, s, 0, 0);
+  return start_op(&c, s, 0, 0, 0);
 }
 
 static const char *const fetch_all_keys[] = {"timeout", NULL};
 static const char *const entry_keys[] = {"timeout", NULL};
 
-/* mg.fetch_all { {target, path_or_opts, timeout = s}, ..., timeout = s } -> r1, ..., rn, errs */
-static int l_fetch_all(lua_State *L) {
+/* mg.fetch_all { {target, path_or_opts, timeout = s}, ..., timeout = s } -> r1, ..., rn, errs;
+ * with RAW, mg_lua_fetch_raw_all's results. */
+static int fetch_all(lua_State *L, int raw) {
   ctx_t c = {L, mg_task_check(L, "mg.fetch_all", MG_HOOKS_ANY), "mg.fetch_all", 0};
   if (lua_type(L, 1) != LUA_TTABLE)
     arg_error(&c, "expects a table of calls { {target, path_or_opts}, ..., timeout = s }, got %s",
@@ -753,7 +777,17 @@ static int l_fetch_all(lua_State *L) {
     lua_settop(L, 2);
   }
   c.callno = 0;
-  return start_op(&c, s, 1, overall);
+  return start_op(&c, s, 1, raw, overall);
+}
+
+static int l_fetch_all(lua_State *L) { return fetch_all(L, 0); }
+
+int mg_lua_fetch_raw_all(lua_State *L) { return fetch_all(L, 1); }
+
+int mg_lua_fetch_raw_for(lua_State *L) {
+  if (lua_tocfunction(L, 1) != l_fetch_all) return 0;
+  lua_pushcfunction(L, mg_lua_fetch_raw_all);
+  return 1;
 }
 
 int mg_lua_fetch_register(mg_lua_vm_t *vm) {

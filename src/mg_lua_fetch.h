@@ -51,4 +51,15 @@
 /* Registers mg.fetch and mg.fetch_all in VM. Returns 0, or -1 when out of memory. */
 int mg_lua_fetch_register(mg_lua_vm_t *vm);
 
+/* mg.fetch_all for mg.aggregate's pass-through (a lua_CFunction, not in the mg table): the
+ * same argument and the same errors table last, but two values per call instead of its
+ * result: the status (nil when the call failed), then, for a 2xx status, the body as a raw
+ * JSON value (mg.json.raw) or, when it is not JSON, why ("parse error at byte N: ..."). No
+ * result table, header string or body string is made. */
+int mg_lua_fetch_raw_all(lua_State *L);
+
+/* fetch_raw_for(f) -> mg_lua_fetch_raw_all when F is mg.fetch_all's own function, else
+ * nothing (a stand-in for mg.fetch_all, as in the aggregate unit tests, is used as it is). */
+int mg_lua_fetch_raw_for(lua_State *L);
+
 #endif

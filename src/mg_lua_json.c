@@ -736,20 +736,14 @@ static int is_yajl_space(char c) {
   return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
 }
 
-/* json.raw(text) -> a raw JSON value, or nil, "parse error at byte N: ..." as decode says it.
- * A raw value given to json.raw comes back as it is; a bigint gives its digits. */
-static int l_raw(lua_State *L) {
-  size_t len;
-  const char *text;
-  if (is_raw(L, 1, &text, &len)) {
-    lua_settop(L, 1);
-    return 1;
-  }
-  if (!is_bigint(L, 1, &text, &len)) text = luaL_checklstring(L, 1, &len);
+int mg_json_push_raw(lua_State *L, const char *text, size_t len, char *err, size_t errlen) {
   /* Nothing below raises between yajl_alloc and yajl_free: the callbacks touch no Lua. */
   checker_t c = {0};
   yajl_handle h = yajl_alloc(&check_callbacks, NULL, &c);
-  if (!h) return luaL_error(L, "out of memory");
+  if (!h) {
+    snprintf(err, errlen, "out of memory");
+    return -1;
+  }
   size_t pos;
   yajl_status st = yajl_parse(h, (const unsigned char *)text, len);
   if (st != yajl_status_ok) {
@@ -759,12 +753,9 @@ static int l_raw(lua_State *L) {
     pos = len;
   }
   if (st != yajl_status_ok) {
-    char msg[200];
-    format_parse_error(h, text, len, pos, c.abort, msg, sizeof msg);
+    format_parse_error(h, text, len, pos, c.abort, err, errlen);
     yajl_free(h);
-    lua_pushnil(L);
-    lua_pushstring(L, msg);
-    return 2;
+    return -1;
   }
   yajl_free(h);
   while (len && is_yajl_space(text[len - 1])) len--;
@@ -777,7 +768,24 @@ static int l_raw(lua_State *L) {
       if (copy[i] == '\v' || copy[i] == '\f') copy[i] = ' ';
   push_raw_mt(L);
   lua_setmetatable(L, -2);
-  return 1;
+  return 0;
+}
+
+/* json.raw(text) -> a raw JSON value, or nil, "parse error at byte N: ..." as decode says it.
+ * A raw value given to json.raw comes back as it is; a bigint gives its digits. */
+static int l_raw(lua_State *L) {
+  size_t len;
+  const char *text;
+  if (is_raw(L, 1, &text, &len)) {
+    lua_settop(L, 1);
+    return 1;
+  }
+  if (!is_bigint(L, 1, &text, &len)) text = luaL_checklstring(L, 1, &len);
+  char msg[200];
+  if (mg_json_push_raw(L, text, len, msg, sizeof msg) == 0) return 1;
+  lua_pushnil(L);
+  lua_pushstring(L, msg);
+  return 2;
 }
 
 /* ------------------------------------------------------------------------------------------

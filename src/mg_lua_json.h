@@ -40,4 +40,9 @@ int mg_json_encode_value(lua_State *L, int idx, mg_buf_t *out, char *err, size_t
 /* Pushes json.null, the sentinel that stands for JSON null (a light userdata). */
 void mg_json_push_null(lua_State *L);
 
+/* Checks TEXT (LEN bytes) as json.raw does and pushes the raw JSON value (its text, less the
+ * whitespace around it); or returns -1 with "parse error at byte N: ..." in ERR and pushes
+ * nothing. Raises only when Lua runs out of memory. */
+int mg_json_push_raw(lua_State *L, const char *text, size_t len, char *err, size_t errlen);
+
 #endif

@@ -561,6 +561,15 @@ local function outcome(res, err, c, nest)
   return value
 end
 
+-- The outcome of call I from fetch_raw_all's values (status, then the raw value or why the
+-- body is not JSON): the same values and reasons as outcome() in nest mode without transform.
+local function raw_outcome(status, value, err)
+  if status == nil then return nil, type(err) == "string" and err or "failed" end
+  if status < 200 or status > 299 then return nil, "status " .. tostring(status) end
+  if type(value) == "string" then return nil, "invalid JSON: " .. value end
+  return value
+end
+
 local function completed(yes)
   return { ["X-Moongate-Completed"] = yes and "true" or "false" }
 end
@@ -583,14 +592,26 @@ local function run(spec)
     local c = spec[i]
     calls[i] = { c[1], c[2], timeout = c.timeout }
   end
-  local results = pack(fetch_all(calls))
-  local errs = results[ncalls + 1]
+  -- Nest mode without transforms passes every body through as checked JSON text: then
+  -- fetch_raw_all (src/mg_lua_fetch.c, put in this module's environment by
+  -- src/mg_lua_aggregate.c) checks the bodies in C and makes no result tables.
+  local raw_fetch = nest and fetch_raw_for and fetch_raw_for(fetch_all)
+  for i = 1, ncalls do
+    if raw_fetch and spec[i].transform then raw_fetch = nil end
+  end
+  local results = pack((raw_fetch or fetch_all)(calls))
+  local errs = results[raw_fetch and 2 * ncalls + 1 or ncalls + 1]
   if type(errs) ~= "table" then errs = {} end
 
   local doc, failures, nfailed, required_failed = {}, nil, 0, nil
   for i = 1, ncalls do
     local c, key = spec[i], keys[i]
-    local value, why = outcome(results[i], errs[i], c, nest)
+    local value, why
+    if raw_fetch then
+      value, why = raw_outcome(results[2 * i - 1], results[2 * i], errs[i])
+    else
+      value, why = outcome(results[i], errs[i], c, nest)
+    end
     if value == nil then
       nfailed = nfailed + 1
       failures = failures or new_array()
