@@ -39,7 +39,6 @@
 static const char res_mt_key;
 static const char results_key;
 
-#define SCRATCH_MT "mg.fetch scratch"
 
 /* ------------------------------------------------------------------------------------------
  * Specs: one call as read from Lua.
@@ -60,36 +59,57 @@ typedef struct spec {
   size_t nh;
 } spec_t;
 
-typedef struct scratch {
-  size_t n;
-  spec_t specs[];
-} scratch_t;
+/* The specs of the call being read: the process's own, reused. A call reads them, starts its
+ * exchanges (mg_fetch_start copies what it needs) and is done with them before it waits or
+ * returns, and nothing in between runs Lua code that could call mg.fetch again; an argument
+ * error leaves them as they are and the next call resets them. So a fetch makes no Lua object
+ * for them, and no allocation once their buffers have grown (up to SPEC_KEEP bytes each). */
+#define SPEC_KEEP (64 * 1024)
+static spec_t *specs;
+static size_t nspecs;
 
-static int on_scratch_gc(lua_State *L) {
-  scratch_t *s = lua_touserdata(L, 1);
-  for (size_t i = 0; i < s->n; i++) {
-    spec_t *sp = &s->specs[i];
-    mg_buf_dispose(&sp->path);
-    mg_buf_dispose(&sp->hdrs);
-    mg_buf_dispose(&sp->body);
-    free(sp->hv);
-    sp->hv = NULL;
+/* N reset specs (the first N of the kept ones), or raises. */
+static spec_t *get_specs(lua_State *L, size_t n) {
+  if (n > nspecs) {
+    spec_t *more = realloc(specs, n * sizeof *more);
+    if (!more) {
+      luaL_error(L, "out of memory");
+      return NULL;
+    }
+    memset(more + nspecs, 0, (n - nspecs) * sizeof *more);
+    specs = more;
+    nspecs = n;
   }
-  s->n = 0;
-  return 0;
+  for (size_t i = 0; i < n; i++) {
+    spec_t *sp = &specs[i];
+    mg_buf_t path = sp->path, hdrs = sp->hdrs, body = sp->body;
+    free(sp->hv);
+    mg_buf_reset(&path, SPEC_KEEP);
+    mg_buf_reset(&hdrs, SPEC_KEEP);
+    mg_buf_reset(&body, SPEC_KEEP);
+    sp->up = NULL;
+    sp->host[0] = sp->prefix[0] = sp->method[0] = '\0';
+    sp->port = sp->early_err = 0;
+    sp->timeout = 0;
+    sp->path = path;
+    sp->hdrs = hdrs;
+    sp->body = body;
+    sp->hv = NULL;
+    sp->nh = 0;
+  }
+  return specs;
 }
 
-/* Pushes a scratch userdata of N zeroed specs, freed by the GC. */
-static scratch_t *push_scratch(lua_State *L, size_t n) {
-  scratch_t *s = lua_newuserdata(L, sizeof *s + n * sizeof(spec_t));
-  memset(s, 0, sizeof *s + n * sizeof(spec_t));
-  s->n = n;
-  if (luaL_newmetatable(L, SCRATCH_MT)) {
-    lua_pushcfunction(L, on_scratch_gc);
-    lua_setfield(L, -2, "__gc");
+void mg_lua_fetch_free_specs(void) {
+  for (size_t i = 0; i < nspecs; i++) {
+    mg_buf_dispose(&specs[i].path);
+    mg_buf_dispose(&specs[i].hdrs);
+    mg_buf_dispose(&specs[i].body);
+    free(specs[i].hv);
   }
-  lua_setmetatable(L, -2);
-  return s;
+  free(specs);
+  specs = NULL;
+  nspecs = 0;
 }
 
 /* Where an argument error is raised from: "mg.fetch: ..." or "mg.fetch_all: call #2: ...". */
@@ -685,10 +705,10 @@ static uint64_t call_timeout_ms(const spec_t *sp, double overall) {
 
 /* Starts the calls read into S and waits for them (or returns at once when none could
  * start). */
-static int start_op(const ctx_t *c, scratch_t *s, int all, int raw, double overall) {
+static int start_op(const ctx_t *c, spec_t *sps, size_t n, int all, int raw, double overall) {
   lua_State *L = c->L;
-  size_t n = s->n, runnable = 0;
-  for (size_t i = 0; i < n; i++) runnable += s->specs[i].early_err == 0;
+  size_t runnable = 0;
+  for (size_t i = 0; i < n; i++) runnable += sps[i].early_err == 0;
   size_t size = sizeof(op_t) + n * sizeof(call_t);
   /* With nothing to wait for, the operation lives on the Lua heap, so building the results
    * may raise without leaking it. */
@@ -700,7 +720,7 @@ static int start_op(const ctx_t *c, scratch_t *s, int all, int raw, double overa
   op->raw = raw;
   op->n = n;
   for (size_t i = 0; i < n; i++) {
-    spec_t *sp = &s->specs[i];
+    spec_t *sp = &sps[i];
     call_t *call = &op->calls[i];
     call->op = op;
     memcpy(call->prefix, sp->prefix, sizeof call->prefix);
@@ -739,9 +759,9 @@ static int start_op(const ctx_t *c, scratch_t *s, int all, int raw, double overa
 static int l_fetch(lua_State *L) {
   ctx_t c = {L, mg_task_check(L, "mg.fetch", MG_HOOKS_ANY), "mg.fetch", 0};
   lua_settop(L, 2);
-  scratch_t *s = push_scratch(L, 1);
-  read_call(&c, &s->specs[0], 1, 2, 0);
-  return start_op(&c, s, 0, 0, 0);
+  spec_t *sps = get_specs(L, 1);
+  read_call(&c, &sps[0], 1, 2, 0);
+  return start_op(&c, sps, 1, 0, 0, 0);
 }
 
 static const char *const fetch_all_keys[] = {"timeout", NULL};
@@ -761,23 +781,23 @@ static int fetch_all(lua_State *L, int raw) {
   rawfield(L, 1, "timeout");
   double overall = check_timeout(&c, 2, "timeout");
   lua_settop(L, 1);
-  scratch_t *s = push_scratch(L, n);         /* index 2 */
+  spec_t *sps = get_specs(L, n);
   for (size_t i = 0; i < n; i++) {
     c.callno = (int)i + 1;
-    lua_rawgeti(L, 1, (int)i + 1);           /* 3: the call */
-    if (lua_type(L, 3) != LUA_TTABLE)
+    lua_rawgeti(L, 1, (int)i + 1);           /* 2: the call */
+    if (lua_type(L, 2) != LUA_TTABLE)
       arg_error(&c, "must be a table { target, path_or_opts, timeout = s }, got %s",
-            luaL_typename(L, 3));
-    check_keys(&c, 3, entry_keys, 2, "key");
-    lua_rawgeti(L, 3, 1);                    /* 4: target */
-    lua_rawgeti(L, 3, 2);                    /* 5: path or options */
-    rawfield(L, 3, "timeout");               /* 6 */
-    double timeout = check_timeout(&c, 6, "timeout");
-    read_call(&c, &s->specs[i], 4, 5, timeout);
-    lua_settop(L, 2);
+            luaL_typename(L, 2));
+    check_keys(&c, 2, entry_keys, 2, "key");
+    lua_rawgeti(L, 2, 1);                    /* 3: target */
+    lua_rawgeti(L, 2, 2);                    /* 4: path or options */
+    rawfield(L, 2, "timeout");               /* 5 */
+    double timeout = check_timeout(&c, 5, "timeout");
+    read_call(&c, &sps[i], 3, 4, timeout);
+    lua_settop(L, 1);
   }
   c.callno = 0;
-  return start_op(&c, s, 1, raw, overall);
+  return start_op(&c, sps, n, 1, raw, overall);
 }
 
 static int l_fetch_all(lua_State *L) { return fetch_all(L, 0); }

@@ -51,6 +51,9 @@
 /* Registers mg.fetch and mg.fetch_all in VM. Returns 0, or -1 when out of memory. */
 int mg_lua_fetch_register(mg_lua_vm_t *vm);
 
+/* Frees the kept call specs (a stopping worker, after its last fetch). */
+void mg_lua_fetch_free_specs(void);
+
 /* mg.fetch_all for mg.aggregate's pass-through (a lua_CFunction, not in the mg table): the
  * same argument and the same errors table last, but two values per call instead of its
  * result: the status (nil when the call failed), then, for a 2xx status, the body as a raw

@@ -257,6 +257,7 @@ int mg_worker_run(const mg_config_t *cfg, const int *fds, struct mg_shdict *cons
   while (w->conns) mg_conn_abort(w->conns);
   mg_lua_timers_cancel_all();
   mg_fetch_cache_free(w);
+  mg_lua_fetch_free_specs();
   mg_access_log_close();
   mg_gen_t *gen = w->gen;
   w->gen = NULL;
