@@ -1088,6 +1088,7 @@ static int read_answer(lua_State *L, int idx, int n, answer_t *a, char *err, siz
   a->status = (int)s;
   int bi = idx + 1, hi = idx + 2;
   if (n >= 2 && lua_type(L, bi) == LUA_TTABLE) {
+    mg_buf_reserve(&a->body, 4096);          /* one allocation for the usual document */
     if (mg_json_encode_value(L, bi, &a->body, err, errlen) != 0) return -1;
     a->ctype = "application/json";
   } else if (n >= 2 && (lua_type(L, bi) == LUA_TSTRING || lua_type(L, bi) == LUA_TNUMBER)) {

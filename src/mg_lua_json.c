@@ -736,10 +736,48 @@ static int is_yajl_space(char c) {
   return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
 }
 
+/* The memory of the checking parser. One parser lives at a time (mg_json_push_raw frees it
+ * before it returns, and nothing in between can start another), so its blocks come from a
+ * static arena, reset for each parser: a check makes no malloc call unless a long escaped
+ * string outgrows the arena. Each block is preceded by its size (for realloc). */
+#define ARENA_SIZE (16 * 1024)
+static _Alignas(16) unsigned char arena[ARENA_SIZE];
+static size_t arena_used;
+
+static int in_arena(const void *p) {
+  return (const unsigned char *)p >= arena && (const unsigned char *)p < arena + ARENA_SIZE;
+}
+
+static void *arena_malloc(void *ctx, size_t n) {
+  size_t need = 16 + ((n + 15) & ~(size_t)15);
+  if (n > ARENA_SIZE || ARENA_SIZE - arena_used < need) return malloc(n);
+  unsigned char *p = arena + arena_used;
+  memcpy(p, &n, sizeof n);
+  arena_used += need;
+  return p + 16;
+}
+
+static void arena_free(void *ctx, void *p) {
+  if (!in_arena(p)) free(p);
+}
+
+static void *arena_realloc(void *ctx, void *p, size_t n) {
+  if (p == NULL) return arena_malloc(ctx, n);
+  if (!in_arena(p)) return realloc(p, n);
+  size_t old;
+  memcpy(&old, (unsigned char *)p - 16, sizeof old);
+  void *q = arena_malloc(ctx, n);
+  if (q) memcpy(q, p, old < n ? old : n);
+  return q;
+}
+
+static yajl_alloc_funcs arena_funcs = {arena_malloc, arena_realloc, arena_free, NULL};
+
 int mg_json_push_raw(lua_State *L, const char *text, size_t len, char *err, size_t errlen) {
   /* Nothing below raises between yajl_alloc and yajl_free: the callbacks touch no Lua. */
   checker_t c = {0};
-  yajl_handle h = yajl_alloc(&check_callbacks, NULL, &c);
+  arena_used = 0;
+  yajl_handle h = yajl_alloc(&check_callbacks, &arena_funcs, &c);
   if (!h) {
     snprintf(err, errlen, "out of memory");
     return -1;
