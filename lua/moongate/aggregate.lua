@@ -561,8 +561,9 @@ local function outcome(res, err, c, nest)
   return value
 end
 
--- The outcome of call I from fetch_raw_all's values (status, then the raw value or why the
--- body is not JSON): the same values and reasons as outcome() in nest mode without transform.
+-- The outcome of one call from mg_lua_fetch_raw_all's values (its status, then the raw value
+-- or why the body is not JSON; ERR from the errors table): the same values and reasons as
+-- outcome() gives in nest mode without transform.
 local function raw_outcome(status, value, err)
   if status == nil then return nil, type(err) == "string" and err or "failed" end
   if status < 200 or status > 299 then return nil, "status " .. tostring(status) end
@@ -593,8 +594,9 @@ local function run(spec)
     calls[i] = { c[1], c[2], timeout = c.timeout }
   end
   -- Nest mode without transforms passes every body through as checked JSON text: then
-  -- fetch_raw_all (src/mg_lua_fetch.c, put in this module's environment by
-  -- src/mg_lua_aggregate.c) checks the bodies in C and makes no result tables.
+  -- mg_lua_fetch_raw_all (src/mg_lua_fetch.c) checks the bodies in C and makes no result
+  -- tables. fetch_raw_for, put in this module's environment by src/mg_lua_aggregate.c,
+  -- gives it only when mg.fetch_all is the gateway's own (not a stand-in, as in tests).
   local raw_fetch = nest and fetch_raw_for and fetch_raw_for(fetch_all)
   for i = 1, ncalls do
     if raw_fetch and spec[i].transform then raw_fetch = nil end
