@@ -62,7 +62,7 @@ static int read_pid(const char *path) {
 /* The config was checked already (main loads it first): signal the master, then wait for
  * its verdict and for every worker to serve the new generation (or report why not). */
 static int cmd_reload(mg_config_t *cfg) {
-  const char *path = cfg->pid_file ? cfg->pid_file : "/tmp/moongate.pid";
+  const char *path = cfg->pid_file ? cfg->pid_file : MG_DEFAULT_PID_FILE;
   int pid = read_pid(path);
   if (pid < 0) return 1;
   char spath[4200];
@@ -121,8 +121,8 @@ out:
   return rc;
 }
 
-static int cmd_stop(mg_config_t *cfg) {
-  const char *path = cfg->pid_file ? cfg->pid_file : "/tmp/moongate.pid";
+/* SIGTERMs the master of pid file PATH and waits (bounded) for it to go away. */
+static int stop_master(const char *path) {
   int pid = read_pid(path);
   if (pid < 0) return 1;
   if (kill(pid, SIGTERM) != 0) {
@@ -142,7 +142,7 @@ static int cmd_stop(mg_config_t *cfg) {
  * gateway of the default pid file is stopped only when its status file says it runs FILE. */
 static int cmd_stop_broken(const char *file) {
   char want[PATH_MAX], spath[4200], running[4096] = "";
-  const char *def = "/tmp/moongate.pid";
+  const char *def = MG_DEFAULT_PID_FILE;
   if (!realpath(file, want)) snprintf(want, sizeof want, "%s", file);
   mg_status_path(def, spath, sizeof spath);
   const mg_status_t *st = mg_status_open(spath);
@@ -160,9 +160,7 @@ static int cmd_stop_broken(const char *file) {
   }
   fprintf(stderr, "moongate: %s has errors; stopping the gateway that runs it (pid file %s)\n",
           file, def);
-  mg_config_t none;
-  memset(&none, 0, sizeof none);
-  return cmd_stop(&none);
+  return stop_master(def);
 }
 
 int main(int argc, char **argv) {
@@ -217,7 +215,7 @@ int main(int argc, char **argv) {
     printf("%s: ok\n", cfg.file ? cfg.file : file);
     rc = 0;
   } else if (strcmp(cmd, "stop") == 0) {
-    rc = cmd_stop(&cfg);
+    rc = stop_master(cfg.pid_file ? cfg.pid_file : MG_DEFAULT_PID_FILE);
   } else if (strcmp(cmd, "reload") == 0) {
     rc = cmd_reload(&cfg);
   } else {

@@ -513,6 +513,21 @@ static void snapshot_clear(snapshot_t *s)
   memset(s, 0, sizeof *s);
 }
 
+/* Adds PATH and TEXT (LEN bytes), both malloc'd, to S, which takes them over (frees them on
+ * failure). Returns 0 or -1. */
+static int snapshot_take(snapshot_t *s, char *path, char *text, size_t len)
+{
+  snap_file_t *more = realloc(s->files, (s->n + 1) * sizeof *more);
+  if (!more) {
+    free(path);
+    free(text);
+    return -1;
+  }
+  s->files = more;
+  s->files[s->n++] = (snap_file_t){path, text, len};
+  return 0;
+}
+
 static void snapshot_add(snapshot_t *s, const char *path, const char *text, size_t len)
 {
   snap_file_t *more = realloc(s->files, (s->n + 1) * sizeof *more);
@@ -624,13 +639,12 @@ uint64_t mg_config_snapshot_read(const char *path)
     char *p = NULL, *t = NULL;
     bad = fread(&pl, sizeof pl, 1, f) != 1 || !(p = get_bytes(f, pl)) ||
           fread(&tl, sizeof tl, 1, f) != 1 || !(t = get_bytes(f, tl));
-    if (!bad) {
-      size_t before = snap_current.n;
-      snapshot_add(&snap_current, p, t, (size_t)tl);
-      bad = snap_current.n == before;
+    if (bad) {
+      free(p);
+      free(t);
+    } else {
+      bad = snapshot_take(&snap_current, p, t, (size_t)tl) != 0;
     }
-    free(p);
-    free(t);
   }
   bad = bad || fread(end, sizeof end, 1, f) != 1 || memcmp(end, snap_end, sizeof end);
   fclose(f);

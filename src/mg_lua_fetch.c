@@ -7,9 +7,9 @@
  *
  * Memory. A Lua error can unwind through these functions at any allocation (the VM has a
  * memory cap), so what the parsing step holds outside Lua's heap (the buffers of each spec)
- * lives in a userdata whose __gc frees it. The results are built on the VM's main state
- * under lua_cpcall, so running out of memory there is an ordinary error, and then moved onto
- * the task's coroutine. Only those last pushes onto the suspended coroutine are unprotected,
+ * is kept by the process and reused by the next call (get_specs), so an unwound call leaks
+ * nothing. The results are built on the VM's main state under lua_cpcall, so running out of
+ * memory there is an ordinary error, and then moved onto the task's coroutine. Only those last pushes onto the suspended coroutine are unprotected,
  * as for every mg API function that wakes a task: they grow its stack only when a result
  * list is longer than the free room the stack already has (a long mg.fetch_all). */
 #include "mg_lua_fetch.h"
@@ -38,7 +38,6 @@
 /* Registry keys (their addresses): the res metatable, the results being handed over. */
 static const char res_mt_key;
 static const char results_key;
-
 
 /* ------------------------------------------------------------------------------------------
  * Specs: one call as read from Lua.

@@ -439,7 +439,6 @@ static int bigint_eq(lua_State *L) {
   return 1;
 }
 
-
 /* __concat of bigints and raw values: each operand that is one stands for its text. */
 static int text_concat(lua_State *L) {
   for (int i = 1; i <= 2; i++) {

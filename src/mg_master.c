@@ -40,6 +40,7 @@ typedef struct master {
   uv_signal_t sig_term, sig_int, sig_quit, sig_chld, sig_hup;
   uv_timer_t respawn_timer, kill_timer;
   mg_status_t *status;            /* the status page (mg_status.h) */
+  char files_path[4200];          /* <pid_file>.files: a reload's files for the workers */
   int nworkers_conf;              /* gateway.workers as configured (a reload may not change it) */
   /* --watch: a file-system watch per directory of the config's files */
   int watch;
@@ -313,12 +314,10 @@ static void master_reload(master_t *m, const char *why) {
   mg_status_t *st = m->status;
   uint64_t gen = mg_status_load(&st->generation) + 1;
   /* The workers load the files as checked here, not as they may be by the time they read. */
-  char files[4200];
-  mg_status_files_path(m->cfg->pid_file, files, sizeof files);
-  if (mg_config_snapshot_write(files, gen) != 0) {
+  if (mg_config_snapshot_write(m->files_path, gen) != 0) {
     mg_log_warn("reload: cannot write %s (%s); the workers read the config files again",
-                files, strerror(errno));
-    unlink(files);
+                m->files_path, strerror(errno));
+    unlink(m->files_path);
   }
   st->last_error[0] = '\0';
   st->last_ok = 1;
@@ -479,9 +478,8 @@ int mg_master_run(mg_config_t *cfg, int nworkers, int watch) {
     rc = 1;
     goto out;
   }
-  char files_path[4200];
-  mg_status_files_path(cfg->pid_file, files_path, sizeof files_path);
-  unlink(files_path);                        /* a stale one (an earlier run's) is not ours */
+  mg_status_files_path(cfg->pid_file, m.files_path, sizeof m.files_path);
+  unlink(m.files_path);                      /* a stale one (an earlier run's) is not ours */
   m.status->master_pid = getpid();
   char config_abs[PATH_MAX];
   snprintf(m.status->config_file, sizeof m.status->config_file, "%s",
@@ -529,7 +527,7 @@ int mg_master_run(mg_config_t *cfg, int nworkers, int watch) {
   uv_loop_close(&m.loop);
   if (cfg->pid_file) unlink(cfg->pid_file);
   unlink(status_path);
-  unlink(files_path);
+  unlink(m.files_path);
   mg_config_snapshot(MG_SNAPSHOT_FREE);
   mg_log_info("moongate stopped");
   rc = 0;

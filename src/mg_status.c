@@ -60,9 +60,9 @@ void mg_status_close(const mg_status_t *s) {
 }
 
 void mg_status_path(const char *pid_file, char *buf, size_t len) {
-  snprintf(buf, len, "%s.status", pid_file ? pid_file : "/tmp/moongate.pid");
+  snprintf(buf, len, "%s.status", pid_file ? pid_file : MG_DEFAULT_PID_FILE);
 }
 
 void mg_status_files_path(const char *pid_file, char *buf, size_t len) {
-  snprintf(buf, len, "%s.files", pid_file ? pid_file : "/tmp/moongate.pid");
+  snprintf(buf, len, "%s.files", pid_file ? pid_file : MG_DEFAULT_PID_FILE);
 }

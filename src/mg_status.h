@@ -44,6 +44,9 @@ const mg_status_t *mg_status_open(const char *path);
 /* Unmaps it. */
 void mg_status_close(const mg_status_t *s);
 
+/* The pid file when the config names none (config.lua's default for gateway.pid_file). */
+#define MG_DEFAULT_PID_FILE "/tmp/moongate.pid"
+
 /* The status file of a pid file: "<pid_file>.status" (into BUF). */
 void mg_status_path(const char *pid_file, char *buf, size_t len);
 
