@@ -51,7 +51,11 @@ static int write_all(int fd, const char *buf, size_t len) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) {
         struct pollfd pfd = {.fd = fd, .events = POLLOUT};
-        if (poll(&pfd, 1, ACCESS_POLL_MS) > 0) continue;
+        int ready;
+        do {  /* a signal (the Lua watchdog's SIGALRM) cuts poll short: wait again */
+          ready = poll(&pfd, 1, ACCESS_POLL_MS);
+        } while (ready < 0 && errno == EINTR);
+        if (ready > 0) continue;
         return -EAGAIN;
       }
       return -errno;

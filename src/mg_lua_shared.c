@@ -37,9 +37,9 @@ static void push_dict_mt(lua_State *L) {
 static mg_shdict_t *check_dict(lua_State *L, const char *method) {
   mg_shdict_t **p = lua_touserdata(L, 1);
   if (p != NULL && lua_getmetatable(L, 1)) {
-    push_dict_mt(L);
-    int ours = lua_rawequal(L, -1, -2);
-    lua_pop(L, 2);
+    /* Each method holds the metatable as its upvalue (push_or_make_dict_mt). */
+    int ours = lua_topointer(L, -1) == lua_topointer(L, lua_upvalueindex(1));
+    lua_pop(L, 1);
     if (ours) return *p;
   }
   luaL_argerror(L, 1, lua_pushfstring(L, "not a shared dictionary: call it with a colon, "
@@ -280,7 +280,11 @@ static void push_or_make_dict_mt(lua_State *L) {
   lua_pop(L, 1);
   lua_createtable(L, 0, 3);
   lua_newtable(L);
-  luaL_register(L, NULL, methods);
+  for (const luaL_Reg *m = methods; m->name; m++) {  /* check_dict finds the metatable here */
+    lua_pushvalue(L, -2);
+    lua_pushcclosure(L, m->func, 1);
+    lua_setfield(L, -2, m->name);
+  }
   lua_setfield(L, -2, "__index");
   lua_pushcfunction(L, l_tostring);
   lua_setfield(L, -2, "__tostring");

@@ -7,11 +7,15 @@
  * MG_LUA_MEM_RESERVE bytes of headroom above the cap. */
 #include "mg_lua_vm.h"
 
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 #include <lualib.h>
@@ -65,6 +69,7 @@ struct mg_lua_run_s {
   int ref;              /* registry anchor of co */
   int state;            /* RUN_* */
   int exceeded;         /* the budget ran out during the current resume */
+  int counting;         /* the current resume's budget is kept by the count hook */
   uint64_t insns;       /* instructions charged during the current resume */
   uint64_t deadline_ns; /* CLOCK_MONOTONIC end of the current resume's budget */
   char *error;          /* malloc'd, after MG_LUA_ERROR */
@@ -208,30 +213,133 @@ static size_t gc_bytes(lua_State *L) {
   return (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024u + (size_t)lua_gc(L, LUA_GCCOUNTB, 0);
 }
 
-/* Charges MG_LUA_HOOK_STEP instructions to the current run and stops it when over budget.
- * Once over, the hook fires on every instruction, so a script that catches the error with
- * pcall is stopped again at its next instruction outside the pcall. */
+/* Whether the VM's budget is kept by the watchdog (a timer, no hook while scripts run) rather
+ * than by a count hook every MG_LUA_HOOK_STEP instructions: an instruction budget needs the
+ * count, and so does the memory check of the luaL_newstate fallback. */
+static int watched(const mg_lua_vm_t *vm) { return vm->own_alloc && vm->max_insns == 0; }
+
+static void hook_every(lua_State *L, int count);
+
+/* The budget hook. Counting mode: fires every MG_LUA_HOOK_STEP instructions, charges them to
+ * the current run and checks the count and the deadline. Watchdog mode: fires only once the
+ * watchdog found the run past its deadline (or, left over, after it ended: then it takes
+ * itself off). Once over budget, the hook fires on every instruction, so a script that
+ * catches the error with pcall is stopped again at its next instruction outside the pcall. */
 static void on_hook(lua_State *L, lua_Debug *ar) {
   mg_lua_run_t *run = tls_run;
   if (run == NULL) return;
   mg_lua_vm_t *vm = run->vm;
   if (!run->exceeded) {
-    run->insns += MG_LUA_HOOK_STEP;
-    if (vm->max_insns > 0 && run->insns > vm->max_insns) run->exceeded = 1;
-    else if (vm->max_us > 0 && now_ns() > run->deadline_ns) run->exceeded = 1;
-    if (!run->exceeded) {
-      if (!vm->own_alloc && vm->mem_limit > 0 && gc_bytes(L) > vm->mem_limit) {
-        luaL_error(L, "not enough memory");
+    if (!run->counting) {
+      if (vm->max_us == 0 || now_ns() <= run->deadline_ns) {
+        hook_every(L, 0);
+        return;
       }
-      return;
+      run->exceeded = 1;
+    } else {
+      run->insns += MG_LUA_HOOK_STEP;
+      if (vm->max_insns > 0 && run->insns > vm->max_insns) run->exceeded = 1;
+      else if (vm->max_us > 0 && now_ns() > run->deadline_ns) run->exceeded = 1;
+      if (!run->exceeded) {
+        if (!vm->own_alloc && vm->mem_limit > 0 && gc_bytes(L) > vm->mem_limit) {
+          luaL_error(L, "not enough memory");
+        }
+        return;
+      }
     }
-    lua_sethook(L, on_hook, LUA_MASKCOUNT, 1);
+    hook_every(L, 1);
   }
   /* No frame is pushed for a hook in LuaJIT: level 0 is the interrupted Lua function. */
   luaL_where(L, 0);
   lua_pushstring(L, budget_msg);
   lua_concat(L, 2);
   lua_error(L);
+}
+
+/* Sets the budget hook to fire every COUNT instructions (0: takes it off). */
+static void hook_every(lua_State *L, int count) {
+  if (count > 0) lua_sethook(L, on_hook, LUA_MASKCOUNT, count);
+  else lua_sethook(L, NULL, 0, 0);
+}
+
+/* ---- the watchdog -----------------------------------------------------------------------
+ *
+ * A count hook makes LuaJIT's interpreter go through its hook check on every instruction
+ * (about 5 % of an aggregation request's instructions). So where only the wall clock is
+ * budgeted, no hook is set while scripts run: a per-thread POSIX timer (CLOCK_MONOTONIC,
+ * SIGALRM to this thread) ticks every WATCH_TICK_US (a quarter of the budget when that is
+ * less) while runs are being resumed. A tick that finds the run being resumed past its
+ * deadline sets the count hook to fire at the next instruction (lua_sethook may be called
+ * from a signal handler: LuaJIT's own interpreter does it on SIGINT), and on_hook stops the
+ * run. A tick during a run re-arms the timer; a tick between runs lets it stop, and the next
+ * resume arms it again, so an idle worker gets no ticks. A run is so stopped at most one tick
+ * after its deadline. Where the timer cannot be made, resumes fall back to the count hook. */
+
+#define WATCH_TICK_US 10000
+#define WATCH_MIN_TICK_US 1000
+
+static _Thread_local struct {
+  int made;                        /* the timer exists (in this process: see watch_at_fork) */
+  timer_t timer;
+  volatile sig_atomic_t tick_us;   /* its period while armed; 0: not armed */
+} watch;
+
+static pthread_once_t watch_once = PTHREAD_ONCE_INIT;
+static int watch_ok;                /* the handler and the fork hook are installed */
+
+static void watch_set(long us) {
+  struct itimerspec it = {{0, 0}, {us / 1000000, (us % 1000000) * 1000}};
+  timer_settime(watch.timer, 0, &it, NULL);   /* async-signal-safe */
+}
+
+static void on_watch_tick(int sig) {
+  (void)sig;
+  int saved = errno;
+  mg_lua_run_t *run = tls_run;
+  if (run == NULL) {
+    watch.tick_us = 0;                         /* between runs: stop until the next resume */
+  } else {
+    if (run->vm->max_us > 0 && now_ns() > run->deadline_ns)
+      lua_sethook(run->co, on_hook, LUA_MASKCOUNT, 1);
+    watch_set(watch.tick_us);
+  }
+  errno = saved;
+}
+
+/* A forked child has no timers: its threads make their own. */
+static void watch_at_fork(void) {
+  watch.made = 0;
+  watch.tick_us = 0;
+}
+
+static void watch_install(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_watch_tick;
+  sa.sa_flags = SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  watch_ok = sigaction(SIGALRM, &sa, NULL) == 0 && pthread_atfork(NULL, NULL, watch_at_fork) == 0;
+}
+
+/* Makes sure the watchdog ticks for a run with a budget of MAX_US; 0 when it does. */
+static int watch_arm(uint64_t max_us) {
+  long tick = max_us / 4 < WATCH_TICK_US ? (long)(max_us / 4) : WATCH_TICK_US;
+  if (tick < WATCH_MIN_TICK_US) tick = WATCH_MIN_TICK_US;
+  if (watch.tick_us != 0 && watch.tick_us <= tick) return 0;
+  if (!watch.made) {
+    pthread_once(&watch_once, watch_install);
+    if (!watch_ok) return -1;
+    struct sigevent ev;
+    memset(&ev, 0, sizeof ev);
+    ev.sigev_notify = SIGEV_THREAD_ID;
+    ev.sigev_signo = SIGALRM;
+    ev._sigev_un._tid = gettid();
+    if (timer_create(CLOCK_MONOTONIC, &ev, &watch.timer) != 0) return -1;
+    watch.made = 1;
+  }
+  watch.tick_us = tick;
+  watch_set(tick);
+  return 0;
 }
 
 /* ---- sandbox ------------------------------------------------------------------------- */
@@ -432,7 +540,6 @@ mg_lua_vm_t *mg_lua_vm_new(size_t mem_limit, char *err, size_t errlen) {
     free(vm);
     return NULL;
   }
-  lua_sethook(vm->L, on_hook, LUA_MASKCOUNT, MG_LUA_HOOK_STEP);
   vm->reserve = 1;                          /* see the struct: off only while a run runs */
   return vm;
 }
@@ -600,7 +707,8 @@ mg_lua_status_t mg_lua_vm_resume(mg_lua_run_t *run, int nargs) {
   run->insns = 0;
   run->exceeded = 0;
   run->deadline_ns = now_ns() + vm->max_us * 1000u;
-  lua_sethook(co, on_hook, LUA_MASKCOUNT, MG_LUA_HOOK_STEP);
+  run->counting = !watched(vm) || (vm->max_us > 0 && watch_arm(vm->max_us) != 0);
+  if (run->counting) hook_every(co, MG_LUA_HOOK_STEP);
   int rc = lua_resume(co, nargs);
   tls_run = prev;
   vm->reserve = headroom;
@@ -613,7 +721,7 @@ mg_lua_status_t mg_lua_vm_resume(mg_lua_run_t *run, int nargs) {
   int failed = (rc != 0 && rc != LUA_YIELD) || run->exceeded;
   if (!failed && vm->own_alloc && vm->mem_limit && vm->used > vm->mem_limit / 4 * 3)
     lua_gc(vm->L, LUA_GCCOLLECT, 0);
-  if (run->exceeded) lua_sethook(co, on_hook, LUA_MASKCOUNT, MG_LUA_HOOK_STEP);
+  if (run->exceeded) hook_every(co, run->counting ? MG_LUA_HOOK_STEP : 0);
   if (rc == LUA_YIELD && !run->exceeded) {
     run->state = RUN_YIELDED;
     return MG_LUA_YIELD;

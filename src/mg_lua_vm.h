@@ -20,13 +20,18 @@
  * times slower than traces on tight numeric loops, about the same on table/string-heavy glue
  * code); the heavy lifting (JSON, crypto, I/O) is C anyway. In LuaJIT the hook, its mask and
  * its counter live in the global state, not per coroutine (lua_sethook on any thread sets it
- * for the whole VM; verified by spec/00-c/test_lua_vm.c). So one count hook, every
- * MG_LUA_HOOK_STEP VM instructions, charges the run being resumed (a thread-local pointer)
- * and checks the instruction count and a CLOCK_MONOTONIC deadline; both reset on every
- * resume. Over budget, the hook raises "script exceeded its CPU budget" and re-fires on every
- * instruction, and the run ends as MG_LUA_ERROR even if the script caught the error with
- * pcall. A single long call into C (a pathological string.find, say) cannot be interrupted;
- * the memory cap bounds the worst of these (string.rep).
+ * for the whole VM; verified by spec/00-c/test_lua_vm.c). The budget is a CLOCK_MONOTONIC
+ * deadline per resume (and, if set, a count of VM instructions per resume). A clock-only
+ * budget is kept by a watchdog: a per-thread timer ticks every 10 ms (a quarter of the budget
+ * if less, at least 1 ms) while runs are resumed, and a tick that finds the run past its
+ * deadline sets a count hook for the next instruction; so scripts run with no hook at all
+ * until then (a hook costs the interpreter a check on every instruction). An instruction
+ * budget, or the memory check of the luaL_newstate fallback, uses a count hook every
+ * MG_LUA_HOOK_STEP instructions instead. Over budget, the hook raises "script exceeded its
+ * CPU budget" and re-fires on every instruction, and the run ends as MG_LUA_ERROR even if the
+ * script caught the error with pcall. A single long call into C (a pathological string.find,
+ * say) cannot be interrupted; the memory cap bounds the worst of these (string.rep). The
+ * watchdog uses SIGALRM (with SA_RESTART): nothing else in the process may.
  *
  * Memory cap. The state is made with lua_newstate and an allocator that refuses to grow past
  * the cap (verified: this LuaJIT, 2.1 OpenResty on x86-64 in GC64 mode, accepts a custom
@@ -46,7 +51,7 @@
 
 #include <lua.h>
 
-/* How many VM instructions run between two budget checks. */
+/* How many VM instructions run between two checks of the count hook (instruction budgets). */
 #define MG_LUA_HOOK_STEP 1000
 
 /* Bytes above the memory cap that error reporting (message, traceback) may use. */

@@ -1,10 +1,14 @@
 /* Unit tests for mg_lua_vm: the sandbox, chunk isolation, errors with places and tracebacks,
  * yield/resume, the CPU budget (also for loops that would be hot under the JIT) and the
  * memory cap. */
+#include <signal.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <lauxlib.h>
 
@@ -273,16 +277,95 @@ static void test_runaway_stopped(void) {
   mg_lua_vm_free(vm);
 }
 
+static void dummy_hook(lua_State *L, lua_Debug *ar) { (void)L, (void)ar; }
+
 static void test_hook_is_global(void) {
   /* What the budget design relies on: in LuaJIT a hook set on one coroutine is the VM's. */
   mg_lua_vm_t *vm = vm_new(32u << 20);
   mg_lua_run_t *run = mg_lua_run_new(vm);
   lua_State *L = mg_lua_vm_state(vm);
-  MG_CHECK_INT(lua_gethookcount(L), MG_LUA_HOOK_STEP);
-  lua_sethook(mg_lua_run_thread(run), lua_gethook(L), LUA_MASKCOUNT, 7);
+  lua_sethook(L, dummy_hook, LUA_MASKCOUNT, 1000);
+  lua_sethook(mg_lua_run_thread(run), dummy_hook, LUA_MASKCOUNT, 7);
   MG_CHECK_INT(lua_gethookcount(L), 7);
-  lua_sethook(L, lua_gethook(L), LUA_MASKCOUNT, MG_LUA_HOOK_STEP);
+  lua_sethook(L, NULL, 0, 0);
+  MG_CHECK_INT(lua_gethookmask(mg_lua_run_thread(run)), 0);
   mg_lua_run_free(run);
+  mg_lua_vm_free(vm);
+}
+
+static const char spin_lua[] =
+    "return function(mode)\n"
+    "  if mode == 'forever' then while true do end end\n"
+    "  local t = 0\n"
+    "  for i = 1, 200000 do t = t + i % 7 end\n"
+    "  return t\n"
+    "end\n";
+
+/* The wall-clock budget is kept by the watchdog timer: scripts run with no hook set, a
+ * leftover hook takes itself off, and a runaway is stopped within a tick of its deadline,
+ * also with a budget smaller than the tick, also in a forked child. */
+static void test_watchdog(void) {
+  mg_lua_vm_t *vm = vm_new(32u << 20);
+  lua_State *L = mg_lua_vm_state(vm);
+  int ref = load(vm, "spin.lua", spin_lua);
+  mg_lua_status_t st;
+
+  mg_lua_vm_set_budget(vm, 0, 100000);
+  mg_lua_run_t *run = start(vm, ref, "count", &st);
+  MG_CHECK_INT(st, MG_LUA_DONE);
+  MG_CHECK_INT(lua_tointeger(mg_lua_run_thread(run), 1), 599997);
+  MG_CHECK_INT(lua_gethookmask(L), 0);
+  mg_lua_run_free(run);
+
+  /* An instruction budget counts with the hook; back on the clock, the hook goes. */
+  mg_lua_vm_set_budget(vm, 100000000, 0);
+  run = start(vm, ref, "count", &st);
+  MG_CHECK_INT(st, MG_LUA_DONE);
+  MG_CHECK_INT(lua_gethookmask(L), LUA_MASKCOUNT);
+  mg_lua_run_free(run);
+  mg_lua_vm_set_budget(vm, 0, 100000);
+  run = start(vm, ref, "count", &st);
+  MG_CHECK_INT(st, MG_LUA_DONE);
+  MG_CHECK_INT(lua_tointeger(mg_lua_run_thread(run), 1), 599997);
+  MG_CHECK_INT(lua_gethookmask(L), 0);
+  mg_lua_run_free(run);
+
+  /* A 5 ms budget: the watchdog ticks every millisecond for it. */
+  mg_lua_vm_set_budget(vm, 0, 5000);
+  double ms = expect_stopped(vm, ref, "forever");
+  MG_CHECK(ms >= 4.5 && ms < 60);
+  MG_CHECK_INT(lua_gethookmask(L), 0);
+  run = start(vm, ref, "count", &st);     /* the VM serves on */
+  MG_CHECK_INT(st, MG_LUA_DONE);
+  mg_lua_run_free(run);
+
+  /* This process has its timer now; a forked child must make its own. */
+  mg_lua_vm_set_budget(vm, 0, 50000);
+  fflush(NULL);
+  pid_t pid = fork();
+  MG_CHECK(pid >= 0);
+  if (pid == 0) {
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    mg_lua_run_t *r = start(vm, ref, "forever", &st);
+    double took = ms_since(&t0);
+    int stopped = st == MG_LUA_ERROR &&
+                  strstr(mg_lua_run_error(r), "script exceeded its CPU budget") != NULL;
+    _exit(stopped && took < 500 ? 0 : 3);
+  }
+  int status = 0;
+  for (int i = 0; i < 500 && waitpid(pid, &status, WNOHANG) == 0; i++) {
+    struct timespec ten = {0, 10 * 1000 * 1000};
+    nanosleep(&ten, NULL);
+  }
+  if (waitpid(pid, &status, WNOHANG) == 0) {
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    MG_FAIL("the forked child's runaway was not stopped within 5 s");
+  }
+  MG_CHECK(WIFEXITED(status));
+  MG_CHECK_INT(WEXITSTATUS(status), 0);
+  mg_lua_vm_unref(vm, ref);
   mg_lua_vm_free(vm);
 }
 
@@ -346,6 +429,7 @@ int main(void) {
   MG_RUN(test_yield_resume);
   MG_RUN(test_runaway_stopped);
   MG_RUN(test_hook_is_global);
+  MG_RUN(test_watchdog);
   MG_RUN(test_memory_cap);
   MG_RUN(test_mg_modules);
   return mg_test_summary();
