@@ -3,9 +3,9 @@
 #
 # An nginx origin serves fixed bodies (/12: "hello world\n", /1k: 1 KiB). Each proxy runs one
 # worker pinned to CPU 0; wrk and the origin are pinned to CPU 1. For each response size the
-# targets run interleaved (direct, nginx, haproxy, moongate; then again) BENCH_ROUNDS times with
-# `wrk -t1 -c50 --latency`; the proxy's CPU time per request comes from /proc/PID/stat of all
-# its processes. Then RSS per client connection for nginx and moongate: 1,000 active keep-alive
+# targets run interleaved (direct, nginx, haproxy, moongate; then in reverse order, and so on)
+# BENCH_ROUNDS times with `wrk -t1 -c50 --latency`; the proxy's CPU time per request comes
+# from /proc/PID/stat of all its processes. Then RSS per client connection for nginx and moongate: 1,000 active keep-alive
 # connections (wrk -c1000) and 10,000 idle ones (scripts/bench/idle_clients.py).
 # Then moongate against nginx + lua-nginx-module (Debian's libnginx-mod-http-lua) doing the same
 # Lua work, interleaved the same way, one worker each on CPU 0:
@@ -381,12 +381,23 @@ measure() {
   return 0
 }
 
+# round_order ROUND TARGET... -> the targets in the order round ROUND runs them: as given in odd
+# rounds, reversed in even ones (A B, B A, A B, ...), so that a machine that drifts slower or
+# faster through a scenario does not always favour the target that runs first.
+round_order() {
+  local round=$1 out="" t
+  shift
+  if ((round % 2)); then echo "$@"; return; fi
+  for t in "$@"; do out="$t $out"; done
+  echo $out
+}
+
 for scen in $PROXY_SIZES; do
   for t in $TARGETS; do   # warm-up: JITs, pools, page faults
     run_wrk "$CONNS" 1 "${PORT[$t]}" "/$scen" "$TMP/warmup.txt"
   done
   for ((round = 1; round <= ROUNDS; round++)); do
-    for t in $TARGETS; do
+    for t in $(round_order "$round" $TARGETS); do
       measure "$scen" "$t" "$round" "${PORT[$t]}" "${PID[$t]}" "/$scen"
     done
   done
@@ -586,7 +597,7 @@ for scen in $([ -n "$LUA_KINDS" ] && echo apikey agg aggtables); do
     run_wrk "$CONNS" 1 "${LPORT[$t]}" "$path" "$TMP/warmup.txt" "$script"
   done
   for ((round = 1; round <= ROUNDS; round++)); do
-    for t in $lt; do
+    for t in $(round_order "$round" $lt); do
       measure "$scen" "$t" "$round" "${LPORT[$t]}" "${LPID[$t]}" "$path" "$script"
     done
   done

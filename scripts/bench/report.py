@@ -412,7 +412,7 @@ def render(d):
     w("- Load average (1/5/15 min): %s" % meta.get("loadavg", "?"))
     w("- Method: origin = %s on CPU 1; proxy under test (one worker/thread) on CPU 0; "
       "`wrk -t1 -c50 -d%ss --latency` on CPU 1. %s interleaved rounds (direct, nginx, "
-      "HAProxy, moongate, then again); each cell is the median of the rounds (leaving out runs "
+      "HAProxy, moongate, then the same in reverse order, and so on); each cell is the median of the rounds (leaving out runs "
       "disturbed by other processes, see notes), the req/s range is min–max. CPU = utime+stime of all the proxy's processes (/proc/PID/stat) over the "
       "run divided by the requests wrk completed.%s"
       % (meta.get("origin", "nginx"), meta.get("duration", "?"), meta.get("rounds", "3"),
