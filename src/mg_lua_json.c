@@ -27,6 +27,7 @@
 static const char array_mt_key;
 static const char guard_mt_key;
 static const char raw_mt_key;
+static const char bigint_mt_key;
 static const char null_sentinel;
 
 /* 2^53: every integer up to here is exact as a double, so it can print as an integer. */
@@ -154,6 +155,9 @@ typedef struct encoder {
   int array_mt; /* stack index of the array metatable (nil when none exists yet) */
   int depth;
   const void *open[MAX_JSON_LEVELS]; /* the tables being encoded, outermost first */
+  const void *text_mt[2];            /* the bigint and raw metatables, looked up at the first
+                                        userdata (encoder_text) */
+  int text_mt_known;
   char *err;
   size_t errlen;
 } encoder_t;
@@ -269,6 +273,32 @@ static int encode_table(encoder_t *e, int t) {
 static int is_bigint(lua_State *L, int idx, const char **s, size_t *len);
 static int is_raw(lua_State *L, int idx, const char **s, size_t *len);
 
+static const void *registry_pointer(lua_State *L, const void *key) {
+  lua_pushlightuserdata(L, (void *)key);
+  lua_rawget(L, LUA_REGISTRYINDEX);
+  const void *p = lua_topointer(L, -1);
+  lua_pop(L, 1);
+  return p;
+}
+
+/* Whether the userdata at IDX is a bigint or a raw value; if so sets *S and *LEN to its
+ * text. Like is_bigint and is_raw, with the two metatables looked up once per encode. */
+static int encoder_text(encoder_t *e, int idx, const char **s, size_t *len) {
+  lua_State *L = e->L;
+  if (!e->text_mt_known) {
+    e->text_mt[0] = registry_pointer(L, &bigint_mt_key);
+    e->text_mt[1] = registry_pointer(L, &raw_mt_key);
+    e->text_mt_known = 1;
+  }
+  if (!lua_getmetatable(L, idx)) return 0;
+  const void *mt = lua_topointer(L, -1);
+  lua_pop(L, 1);
+  if (mt == NULL || (mt != e->text_mt[0] && mt != e->text_mt[1])) return 0;
+  *s = lua_touserdata(L, idx);
+  *len = lua_objlen(L, idx);
+  return 1;
+}
+
 /* IDX is absolute. On failure the stack may hold leftovers; the caller resets it. */
 static int encode_value(encoder_t *e, int idx) {
   lua_State *L = e->L;
@@ -291,8 +321,7 @@ static int encode_value(encoder_t *e, int idx) {
     size_t len;
     /* yajl_gen_number writes its text as it is, with the separator the position needs:
      * what both a bigint's digits and a raw value's checked JSON text want. */
-    if (is_bigint(L, idx, &s, &len) || is_raw(L, idx, &s, &len))
-      return gen_ok(e, yajl_gen_number(e->gen, s, len));
+    if (encoder_text(e, idx, &s, &len)) return gen_ok(e, yajl_gen_number(e->gen, s, len));
   }
   /* fall through */
   default:
@@ -425,7 +454,6 @@ static int on_boolean(void *ctx, int b) {
  * merges documents must not change an id on the way. Such integers decode to a "bigint": a
  * userdata holding the digits, which encodes back unchanged; tostring gives the digits,
  * == compares them, tonumber(tostring(b)) gives the nearest double. */
-static const char bigint_mt_key = 0;
 
 static int bigint_tostring(lua_State *L) {
   size_t n = lua_objlen(L, 1);
