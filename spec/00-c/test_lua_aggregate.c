@@ -586,6 +586,31 @@ static void test_run_spec_errors(void) {
                "t:1: mg.aggregate: merge must be \"nest\" or \"merge\", got \"deep\"");
   MG_CHECK_STR(error_of("fake() A{ { 'users', '/u' }, deadline = 1 }"),
                "t:1: mg.aggregate: unknown field deadline in the spec");
+  /* Keys of other kinds are named as tostring names them; whole numbers past the calls and
+   * fractions are not calls. */
+  MG_CHECK_STR(error_of("fake() A{ { 'users', '/u' }, [3] = { 'x' } }"),
+               "t:1: mg.aggregate: unknown field 3 in the spec");
+  MG_CHECK_STR(error_of("fake() A{ { 'users', '/u' }, [1.5] = 1 }"),
+               "t:1: mg.aggregate: unknown field 1.5 in the spec");
+  MG_CHECK_STR(error_of("fake() A{ { 'users', '/u' }, [true] = 1 }"),
+               "t:1: mg.aggregate: unknown field true in the spec");
+  MG_CHECK_STR(error_of("fake() A{ { 'users', '/u', '/v' } }"),
+               "t:1: mg.aggregate: call #1: unknown field 3");
+  MG_CHECK_STR(error_of("fake() A{ { 'users', '/u', ['key\\0x'] = 1 } }"),
+               "t:1: mg.aggregate: call #1: unknown field key");
+  MG_CHECK_STR(error_of("fake() A{ { 'users', '/u' }, merge = 'a\\nb' }"),
+               "t:1: mg.aggregate: merge must be \"nest\" or \"merge\", got \"a\\\nb\"");
+  MG_CHECK_STR(error_of("fake() A{ { 'users', '/u' }, merge = mg.json.null }"),
+               "t:1: mg.aggregate: merge must be \"nest\" or \"merge\", got null");
+  MG_CHECK_STR(error_of("fake() A{ { 'users', '/u', key = {} } }"),
+               "t:1: mg.aggregate: call #1: key must be a non-empty string, got object");
+  MG_CHECK_STR(error_of("fake() A{ { 'a:b' } }"),
+               "t:1: mg.aggregate: call #1: a key is needed (the target is not an upstream name)");
+  MG_CHECK_STR(error_of("fake() A{ { 'users', '/u', timeout = 0/0 } }"),
+               "t:1: mg.aggregate: call #1: timeout must be a positive number of seconds, got number");
+  MG_CHECK_STR(error_of("fake() A{ { 'users', {1} } , { 'users', '/v', key = 'u2' }, "
+                        "{ 'orders', '/o', key = 'users' } }"),
+               "t:1: mg.aggregate: call #3: the key \"users\" is used twice");
   MG_CHECK_STR(error_of("mg.fetch_all = nil A{ { 'users', '/u' } }"),
                "t:1: mg.aggregate: mg.fetch_all is not available");
   /* None of these reached fetch_all. */
