@@ -273,6 +273,7 @@ static int encode_table(encoder_t *e, int t) {
 static int is_bigint(lua_State *L, int idx, const char **s, size_t *len);
 static int is_raw(lua_State *L, int idx, const char **s, size_t *len);
 
+/* The registry's value under KEY, as a pointer (NULL when there is none). */
 static const void *registry_pointer(lua_State *L, const void *key) {
   lua_pushlightuserdata(L, (void *)key);
   lua_rawget(L, LUA_REGISTRYINDEX);
@@ -281,22 +282,28 @@ static const void *registry_pointer(lua_State *L, const void *key) {
   return p;
 }
 
-/* Whether the userdata at IDX is a bigint or a raw value; if so sets *S and *LEN to its
- * text. Like is_bigint and is_raw, with the two metatables looked up once per encode. */
-static int encoder_text(encoder_t *e, int idx, const char **s, size_t *len) {
-  lua_State *L = e->L;
-  if (!e->text_mt_known) {
-    e->text_mt[0] = registry_pointer(L, &bigint_mt_key);
-    e->text_mt[1] = registry_pointer(L, &raw_mt_key);
-    e->text_mt_known = 1;
-  }
-  if (!lua_getmetatable(L, idx)) return 0;
+/* Whether the value at IDX is a userdata whose metatable is MT_A or MT_B (NULL matches
+ * nothing); if so sets *S and *LEN to the bytes it holds. */
+static int udata_text(lua_State *L, int idx, const void *mt_a, const void *mt_b,
+                      const char **s, size_t *len) {
+  if (lua_type(L, idx) != LUA_TUSERDATA || !lua_getmetatable(L, idx)) return 0;
   const void *mt = lua_topointer(L, -1);
   lua_pop(L, 1);
-  if (mt == NULL || (mt != e->text_mt[0] && mt != e->text_mt[1])) return 0;
+  if (mt == NULL || (mt != mt_a && mt != mt_b)) return 0;
   *s = lua_touserdata(L, idx);
   *len = lua_objlen(L, idx);
   return 1;
+}
+
+/* Whether the userdata at IDX is a bigint or a raw value; if so sets *S and *LEN to its
+ * text. Like is_bigint and is_raw, with the two metatables looked up once per encode. */
+static int encoder_text(encoder_t *e, int idx, const char **s, size_t *len) {
+  if (!e->text_mt_known) {
+    e->text_mt[0] = registry_pointer(e->L, &bigint_mt_key);
+    e->text_mt[1] = registry_pointer(e->L, &raw_mt_key);
+    e->text_mt_known = 1;
+  }
+  return udata_text(e->L, idx, e->text_mt[0], e->text_mt[1], s, len);
 }
 
 /* IDX is absolute. On failure the stack may hold leftovers; the caller resets it. */
@@ -505,15 +512,8 @@ static void push_bigint_mt(lua_State *L) {
 /* Whether the value at IDX is a userdata whose metatable is the registry's value under
  * MT_KEY (a bigint, a raw value); if so sets *S and *LEN to the bytes it holds. */
 static int text_udata(lua_State *L, int idx, const void *mt_key, const char **s, size_t *len) {
-  if (lua_type(L, idx) != LUA_TUSERDATA || !lua_getmetatable(L, idx)) return 0;
-  lua_pushlightuserdata(L, (void *)mt_key);
-  lua_rawget(L, LUA_REGISTRYINDEX);
-  int same = lua_rawequal(L, -1, -2);
-  lua_pop(L, 2);
-  if (!same) return 0;
-  *s = lua_touserdata(L, idx);
-  *len = lua_objlen(L, idx);
-  return 1;
+  return lua_type(L, idx) == LUA_TUSERDATA &&
+         udata_text(L, idx, registry_pointer(L, mt_key), NULL, s, len);
 }
 
 /* Whether the value at IDX is a bigint; if so sets *S and *LEN to its digits. */

@@ -2,7 +2,8 @@
  *
  * A dictionary object is a full userdata holding the mg_shdict_t pointer, with one metatable
  * per Lua state whose __index is the method table (locked with __metatable, so a chunk cannot
- * swap a method under the other chunks). mg.shared is an empty proxy whose __index is the
+ * swap a method under the other chunks); each method holds that metatable as its upvalue,
+ * which is how it recognises a dictionary (check_dict). mg.shared is an empty proxy whose __index is the
  * table of dictionaries: a known name costs two table lookups and no C call; only a miss
  * reaches C, to raise the error that says how to declare the dictionary.
  *

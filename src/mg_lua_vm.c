@@ -310,6 +310,7 @@ static void hook_every(lua_State *L, int count) {
 
 static _Thread_local struct {
   int made;                        /* the timer exists (in this process: see watch_at_fork) */
+  int failed;                      /* timer_create refused: this thread counts instead */
   timer_t timer;
   volatile sig_atomic_t tick_us;   /* its period while armed; 0: not armed */
 } watch;
@@ -339,6 +340,7 @@ static void on_watch_tick(int sig) {
 /* A forked child has no timers: its threads make their own. */
 static void watch_at_fork(void) {
   watch.made = 0;
+  watch.failed = 0;
   watch.tick_us = 0;
 }
 
@@ -358,13 +360,16 @@ static int watch_arm(uint64_t max_us) {
   if (watch.tick_us != 0 && watch.tick_us <= tick) return 0;
   if (!watch.made) {
     pthread_once(&watch_once, watch_install);
-    if (!watch_ok) return -1;
+    if (!watch_ok || watch.failed) return -1;
     struct sigevent ev;
     memset(&ev, 0, sizeof ev);
     ev.sigev_notify = SIGEV_THREAD_ID;
     ev.sigev_signo = SIGALRM;
     ev._sigev_un._tid = gettid();
-    if (timer_create(CLOCK_MONOTONIC, &ev, &watch.timer) != 0) return -1;
+    if (timer_create(CLOCK_MONOTONIC, &ev, &watch.timer) != 0) {
+      watch.failed = 1;                        /* not again on every resume */
+      return -1;
+    }
     watch.made = 1;
   }
   watch.tick_us = tick;
