@@ -13,6 +13,11 @@ DEPS_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 DEPS_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lm
 
 OPT      ?= -O2
+# Link-time optimisation for the gateway binary: objects carry GCC's IR and, with
+# -ffat-lto-objects, ordinary code too, so the test programs link them without LTO (fast) and
+# build/moongate is optimised as one unit (about 5 % fewer instructions per proxied request, see
+# README "Benchmarks"). `make LTO=` builds without it; the sanitizer build (clang) leaves it out.
+LTO      ?= -flto=auto -ffat-lto-objects
 CFLAGS_WARN := -Wall -Wextra -Werror -Wformat=2 -Wno-unused-parameter
 CFLAGS   += -std=c11 -D_GNU_SOURCE $(OPT) -g $(CFLAGS_WARN) -fstack-protector-strong \
             -I$(LLHTTP_INC) -Isrc $(DEPS_CFLAGS) $(EXTRA_CFLAGS)
@@ -29,7 +34,7 @@ CTESTS   := $(patsubst spec/00-c/%.c,$(BUILD)/tests/%,$(wildcard spec/00-c/test_
 all: $(BUILD)/moongate $(CTESTS)
 
 $(BUILD)/obj/%.o: src/%.c $(wildcard src/*.h) | $(BUILD)/obj
-	$(CC) $(CFLAGS) -DMG_LUA_DIR='"$(CURDIR)/lua"' -c $< -o $@
+	$(CC) $(CFLAGS) $(LTO) -DMG_LUA_DIR='"$(CURDIR)/lua"' -c $< -o $@
 
 # The config loader embeds lua/moongate/config.lua into the binary.
 $(BUILD)/obj/mg_config.o: lua/moongate/config.lua
@@ -38,13 +43,14 @@ $(BUILD)/obj/mg_lua_aggregate.o: lua/moongate/aggregate.lua
 # llhttp from Debian's node-llhttp sources, in strict mode, no lenient flags (see README).
 $(BUILD)/obj/llhttp/%.o: $(LLHTTP_DIR)/%.c | $(BUILD)/obj
 	@mkdir -p $(dir $@)
-	$(CC) -std=c11 $(OPT) -g -w -DLLHTTP_STRICT_MODE=1 -I$(LLHTTP_INC) $(EXTRA_CFLAGS) -c $< -o $@
+	$(CC) -std=c11 $(OPT) $(LTO) -g -w -DLLHTTP_STRICT_MODE=1 -I$(LLHTTP_INC) $(EXTRA_CFLAGS) -c $< -o $@
 
 $(BUILD)/libmg.a: $(LIB_OBJS) $(LLHTTP_OBJS)
 	ar rcs $@ $^
 
-$(BUILD)/moongate: $(BUILD)/obj/main.o $(BUILD)/libmg.a
-	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(DEPS_LIBS)
+# Linked from the objects themselves (not libmg.a), so the LTO plugin sees every one of them.
+$(BUILD)/moongate: $(BUILD)/obj/main.o $(LIB_OBJS) $(LLHTTP_OBJS)
+	$(CC) $(CFLAGS) $(LTO) $(LDFLAGS) -o $@ $^ $(DEPS_LIBS)
 
 $(BUILD)/tests/%: spec/00-c/%.c $(wildcard spec/00-c/*.h) $(BUILD)/libmg.a
 	@mkdir -p $(dir $@)
@@ -61,7 +67,7 @@ test: deps
 	@BUILD=$(BUILD) PYTHON=$(PYTHON) scripts/test.sh
 
 asan: deps
-	@$(MAKE) --no-print-directory all BUILD=build-asan OPT=-O1 CC=clang \
+	@$(MAKE) --no-print-directory all BUILD=build-asan OPT=-O1 CC=clang LTO= \
 	  EXTRA_CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer" \
 	  EXTRA_LDFLAGS="-fsanitize=address,undefined"
 	@BUILD=build-asan PYTHON=$(PYTHON) MG_SANITIZED=1 scripts/test.sh

@@ -211,7 +211,7 @@ static int l_incr(lua_State *L) {
   double n = opt_finite(L, 3, 1, "n");
   double init = opt_finite(L, 4, 0, "init");
   double ttl = check_ttl(L, 5);
-  double out;
+  double out = 0;
   int rc = mg_shdict_incr(d, key, klen, n, &init, ttl, &out);
   if (rc < 0) return push_failure(L, rc);
   lua_pushnumber(L, (lua_Number)out);
@@ -222,7 +222,7 @@ static int l_ttl(lua_State *L) {
   mg_shdict_t *d = check_dict(L, "ttl");
   size_t klen;
   const char *key = check_key(L, 2, &klen);
-  double remaining;
+  double remaining = 0;
   int rc = mg_shdict_ttl(d, key, klen, &remaining);
   if (rc < 0) return push_failure(L, rc);
   if (rc == 0) {
