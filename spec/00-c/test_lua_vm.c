@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -293,6 +294,27 @@ static void test_hook_is_global(void) {
   mg_lua_vm_free(vm);
 }
 
+/* The exit code of the forked child PID, once it exits; fails the test (and kills it) if it
+ * runs for more than 5 s. */
+static int child_exit_code(pid_t pid) {
+  int status = 0;
+  for (int i = 0; i < 500 && waitpid(pid, &status, WNOHANG) == 0; i++) {
+    struct timespec ten = {0, 10 * 1000 * 1000};
+    nanosleep(&ten, NULL);
+  }
+  if (waitpid(pid, &status, WNOHANG) == 0) {
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    MG_FAIL("the forked child did not exit within 5 s");
+    return -1;
+  }
+  if (!WIFEXITED(status)) {
+    MG_FAIL("the forked child died of signal %d", WTERMSIG(status));
+    return -1;
+  }
+  return WEXITSTATUS(status);
+}
+
 static const char spin_lua[] =
     "return function(mode)\n"
     "  if mode == 'forever' then while true do end end\n"
@@ -345,6 +367,7 @@ static void test_watchdog(void) {
   pid_t pid = fork();
   MG_CHECK(pid >= 0);
   if (pid == 0) {
+    if (setjmp(mg_test_jmp)) _exit(10);      /* a failed check in the child ends the child */
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     mg_lua_run_t *r = start(vm, ref, "forever", &st);
@@ -353,18 +376,46 @@ static void test_watchdog(void) {
                   strstr(mg_lua_run_error(r), "script exceeded its CPU budget") != NULL;
     _exit(stopped && took < 500 ? 0 : 3);
   }
-  int status = 0;
-  for (int i = 0; i < 500 && waitpid(pid, &status, WNOHANG) == 0; i++) {
-    struct timespec ten = {0, 10 * 1000 * 1000};
-    nanosleep(&ten, NULL);
+  MG_CHECK_INT(child_exit_code(pid), 0);
+  mg_lua_vm_unref(vm, ref);
+  mg_lua_vm_free(vm);
+}
+
+/* Where the watchdog's timer cannot be made, runs fall back to the count hook and a runaway
+ * is still stopped. A forked child with RLIMIT_SIGPENDING 0: a POSIX timer needs a queued
+ * signal of its own, so timer_create fails there (EAGAIN). */
+static void test_watchdog_fallback(void) {
+  mg_lua_vm_t *vm = vm_new(32u << 20);
+  lua_State *L = mg_lua_vm_state(vm);
+  int ref = load(vm, "spin.lua", spin_lua);
+  mg_lua_vm_set_budget(vm, 0, 50000);
+  fflush(NULL);
+  pid_t pid = fork();
+  MG_CHECK(pid >= 0);
+  if (pid == 0) {
+    if (setjmp(mg_test_jmp)) _exit(10);      /* a failed check in the child ends the child */
+    struct rlimit none = {0, 0};
+    timer_t probe;
+    struct sigevent ev = {.sigev_notify = SIGEV_NONE};
+    if (setrlimit(RLIMIT_SIGPENDING, &none) != 0) _exit(4);
+    if (timer_create(CLOCK_MONOTONIC, &ev, &probe) == 0) _exit(5); /* the limit did not bite */
+    mg_lua_status_t st;
+    mg_lua_run_t *r = start(vm, ref, "count", &st);
+    if (st != MG_LUA_DONE || lua_tointeger(mg_lua_run_thread(r), 1) != 599997) _exit(6);
+    if (lua_gethookmask(L) != LUA_MASKCOUNT) _exit(7);   /* counted, not watched */
+    mg_lua_run_free(r);
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    r = start(vm, ref, "forever", &st);
+    double took = ms_since(&t0);
+    if (st != MG_LUA_ERROR || !strstr(mg_lua_run_error(r), "script exceeded its CPU budget"))
+      _exit(8);
+    _exit(took >= 45 && took < 500 ? 0 : 9);
   }
-  if (waitpid(pid, &status, WNOHANG) == 0) {
-    kill(pid, SIGKILL);
-    waitpid(pid, &status, 0);
-    MG_FAIL("the forked child's runaway was not stopped within 5 s");
-  }
-  MG_CHECK(WIFEXITED(status));
-  MG_CHECK_INT(WEXITSTATUS(status), 0);
+  /* 4: setrlimit failed; 5: timer_create worked anyway; 6: a run failed; 7: no count hook;
+   * 8: the runaway was not stopped by its budget; 9: it was stopped too early or too late;
+   * 10: a check failed. */
+  MG_CHECK_INT(child_exit_code(pid), 0);
   mg_lua_vm_unref(vm, ref);
   mg_lua_vm_free(vm);
 }
@@ -462,6 +513,7 @@ int main(void) {
   MG_RUN(test_runaway_stopped);
   MG_RUN(test_hook_is_global);
   MG_RUN(test_watchdog);
+  MG_RUN(test_watchdog_fallback);
   MG_RUN(test_memory_cap);
   MG_RUN(test_gc_pause_under_cap);
   MG_RUN(test_mg_modules);
