@@ -10,8 +10,9 @@
 # Then moongate against nginx + lua-nginx-module (Debian's libnginx-mod-http-lua) doing the same
 # Lua work, interleaved the same way, one worker each on CPU 0:
 #   apikey: GET /a, an access hook checks X-Api-Key among 100 keys (401 JSON otherwise), counts
-#           the request per key in a shared dictionary, proxies to the origin (1 KiB); wrk cycles
-#           through the keys (scripts/bench/wrk-apikey.lua).
+#           the request per key in a shared dictionary, proxies to the origin (1 KiB) with the
+#           forwarding headers and request id moongate adds; wrk cycles through the keys
+#           (scripts/bench/wrk-apikey.lua). Both answer every request with X-Request-Id.
 #   agg:    GET /b fetches /users/1, /orders/1 and /reviews/1 (JSON) from the origin in parallel
 #           and answers one merged JSON document (moongate: mg.aggregate; nginx: capture_multi
 #           + lua-cjson).

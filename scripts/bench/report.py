@@ -34,8 +34,9 @@ LUA_SCENARIOS = [
     ("apikey", "API key + counter (`GET /a`)",
      "The access hook looks up `X-Api-Key` in a table of 100 keys (401 JSON if absent or "
      "unknown), counts the request per key in a shared dictionary (`mg.shared` / "
-     "`lua_shared_dict`), then the request is proxied to the origin (1 KiB answer). wrk cycles "
-     "through the 100 keys.",
+     "`lua_shared_dict`), then the request is proxied to the origin (1 KiB answer) with the "
+     "headers moongate adds (`X-Forwarded-For`, `-Proto`, `-Host`, `X-Request-Id`; nginx: "
+     "`proxy_set_header`, `$request_id`). wrk cycles through the 100 keys.",
      1.2, 0.8),
     ("agg", "Aggregation of three JSON backends (`GET /b`)",
      "One request fetches `/users/1`, `/orders/1` and `/reviews/1` (JSON, 281–338 bytes) from "
@@ -283,7 +284,8 @@ def render_lua(w, d, meta, runs, clk, notes):
     w("")
     w("nginx + Lua = nginx with Debian's lua-nginx-module (OpenResty's `ngx_lua`; %s), one "
       "worker on CPU 0 like moongate (`-w 1`), doing the same work in `access_by_lua` / "
-      "`content_by_lua`, both with 256 idle keep-alive connections to the origin (configs: "
+      "`content_by_lua` (and answering `X-Request-Id`, as moongate does), both with 256 idle "
+      "keep-alive connections to the origin (configs: "
       "scripts/bench/moongate-lua.lua and nginx-lua.conf). Same wrk "
       "runs, interleaved rounds, medians and CPU accounting as above. Ratio = moongate / "
       "nginx + Lua: above 1 is better for req/s, below 1 is better for latency and CPU."
