@@ -294,9 +294,17 @@ static void test_hook_is_global(void) {
   mg_lua_vm_free(vm);
 }
 
-/* The exit code of the forked child PID, once it exits; fails the test (and kills it) if it
- * runs for more than 5 s. */
-static int child_exit_code(pid_t pid) {
+/* Runs BODY(VM, REF) in a forked child and returns the child's exit code: BODY's result, or
+ * 10 when a check failed in the child (which then ends there instead of running the rest of
+ * the suite). Fails the test if the child runs for more than 5 s or dies of a signal. */
+static int in_child(int (*body)(mg_lua_vm_t *, int), mg_lua_vm_t *vm, int ref) {
+  fflush(NULL);
+  pid_t pid = fork();
+  MG_CHECK(pid >= 0);
+  if (pid == 0) {
+    if (setjmp(mg_test_jmp)) _exit(10);
+    _exit(body(vm, ref));
+  }
   int status = 0;
   for (int i = 0; i < 500 && waitpid(pid, &status, WNOHANG) == 0; i++) {
     struct timespec ten = {0, 10 * 1000 * 1000};
@@ -306,13 +314,27 @@ static int child_exit_code(pid_t pid) {
     kill(pid, SIGKILL);
     waitpid(pid, &status, 0);
     MG_FAIL("the forked child did not exit within 5 s");
-    return -1;
   }
-  if (!WIFEXITED(status)) {
-    MG_FAIL("the forked child died of signal %d", WTERMSIG(status));
-    return -1;
-  }
+  if (!WIFEXITED(status)) MG_FAIL("the forked child died of signal %d", WTERMSIG(status));
   return WEXITSTATUS(status);
+}
+
+/* Whether spin.lua's endless loop is stopped by the budget error after LO to HI ms. */
+static int runaway_stopped_within(mg_lua_vm_t *vm, int ref, double lo, double hi) {
+  struct timespec t0;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  mg_lua_status_t st;
+  mg_lua_run_t *r = start(vm, ref, "forever", &st);
+  double took = ms_since(&t0);
+  int stopped = st == MG_LUA_ERROR &&
+                strstr(mg_lua_run_error(r), "script exceeded its CPU budget") != NULL;
+  mg_lua_run_free(r);
+  return stopped && took >= lo && took < hi;
+}
+
+/* In a forked child: 0 when the runaway is stopped by its budget within 500 ms, else 3. */
+static int child_runaway_stopped(mg_lua_vm_t *vm, int ref) {
+  return runaway_stopped_within(vm, ref, 0, 500) ? 0 : 3;
 }
 
 static const char spin_lua[] =
@@ -363,22 +385,26 @@ static void test_watchdog(void) {
 
   /* This process has its timer now; a forked child must make its own. */
   mg_lua_vm_set_budget(vm, 0, 50000);
-  fflush(NULL);
-  pid_t pid = fork();
-  MG_CHECK(pid >= 0);
-  if (pid == 0) {
-    if (setjmp(mg_test_jmp)) _exit(10);      /* a failed check in the child ends the child */
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    mg_lua_run_t *r = start(vm, ref, "forever", &st);
-    double took = ms_since(&t0);
-    int stopped = st == MG_LUA_ERROR &&
-                  strstr(mg_lua_run_error(r), "script exceeded its CPU budget") != NULL;
-    _exit(stopped && took < 500 ? 0 : 3);
-  }
-  MG_CHECK_INT(child_exit_code(pid), 0);
+  MG_CHECK_INT(in_child(child_runaway_stopped, vm, ref), 0);
   mg_lua_vm_unref(vm, ref);
   mg_lua_vm_free(vm);
+}
+
+/* In a child without the watchdog's timer: 0 when runs count with the hook and the runaway is
+ * stopped by its budget. 4: setrlimit failed; 5: timer_create worked anyway; 6: a run failed;
+ * 7: no count hook; 8: the runaway was not stopped within 45-500 ms. */
+static int child_without_timer(mg_lua_vm_t *vm, int ref) {
+  struct rlimit none = {0, 0};
+  timer_t probe;
+  struct sigevent ev = {.sigev_notify = SIGEV_NONE};
+  if (setrlimit(RLIMIT_SIGPENDING, &none) != 0) return 4;
+  if (timer_create(CLOCK_MONOTONIC, &ev, &probe) == 0) return 5;   /* the limit did not bite */
+  mg_lua_status_t st;
+  mg_lua_run_t *r = start(vm, ref, "count", &st);
+  if (st != MG_LUA_DONE || lua_tointeger(mg_lua_run_thread(r), 1) != 599997) return 6;
+  if (lua_gethookmask(mg_lua_vm_state(vm)) != LUA_MASKCOUNT) return 7; /* counted, not watched */
+  mg_lua_run_free(r);
+  return runaway_stopped_within(vm, ref, 45, 500) ? 0 : 8;
 }
 
 /* Where the watchdog's timer cannot be made, runs fall back to the count hook and a runaway
@@ -386,36 +412,9 @@ static void test_watchdog(void) {
  * signal of its own, so timer_create fails there (EAGAIN). */
 static void test_watchdog_fallback(void) {
   mg_lua_vm_t *vm = vm_new(32u << 20);
-  lua_State *L = mg_lua_vm_state(vm);
   int ref = load(vm, "spin.lua", spin_lua);
   mg_lua_vm_set_budget(vm, 0, 50000);
-  fflush(NULL);
-  pid_t pid = fork();
-  MG_CHECK(pid >= 0);
-  if (pid == 0) {
-    if (setjmp(mg_test_jmp)) _exit(10);      /* a failed check in the child ends the child */
-    struct rlimit none = {0, 0};
-    timer_t probe;
-    struct sigevent ev = {.sigev_notify = SIGEV_NONE};
-    if (setrlimit(RLIMIT_SIGPENDING, &none) != 0) _exit(4);
-    if (timer_create(CLOCK_MONOTONIC, &ev, &probe) == 0) _exit(5); /* the limit did not bite */
-    mg_lua_status_t st;
-    mg_lua_run_t *r = start(vm, ref, "count", &st);
-    if (st != MG_LUA_DONE || lua_tointeger(mg_lua_run_thread(r), 1) != 599997) _exit(6);
-    if (lua_gethookmask(L) != LUA_MASKCOUNT) _exit(7);   /* counted, not watched */
-    mg_lua_run_free(r);
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    r = start(vm, ref, "forever", &st);
-    double took = ms_since(&t0);
-    if (st != MG_LUA_ERROR || !strstr(mg_lua_run_error(r), "script exceeded its CPU budget"))
-      _exit(8);
-    _exit(took >= 45 && took < 500 ? 0 : 9);
-  }
-  /* 4: setrlimit failed; 5: timer_create worked anyway; 6: a run failed; 7: no count hook;
-   * 8: the runaway was not stopped by its budget; 9: it was stopped too early or too late;
-   * 10: a check failed. */
-  MG_CHECK_INT(child_exit_code(pid), 0);
+  MG_CHECK_INT(in_child(child_without_timer, vm, ref), 0);
   mg_lua_vm_unref(vm, ref);
   mg_lua_vm_free(vm);
 }
