@@ -16,7 +16,8 @@ OPT      ?= -O2
 # Link-time optimisation for the gateway binary: objects carry GCC's IR and, with
 # -ffat-lto-objects, ordinary code too, so the test programs link them without LTO (fast) and
 # build/moongate is optimised as one unit (about 5 % fewer instructions per proxied request, see
-# README "Benchmarks"). `make LTO=` builds without it; the sanitizer build (clang) leaves it out.
+# README "Benchmark"). `make LTO=` builds without it (and a compiler other than GCC needs its
+# own flags here, e.g. `CC=clang LTO=`); the sanitizer build (clang) leaves it out.
 LTO      ?= -flto=auto -ffat-lto-objects
 CFLAGS_WARN := -Wall -Wextra -Werror -Wformat=2 -Wno-unused-parameter
 CFLAGS   += -std=c11 -D_GNU_SOURCE $(OPT) -g $(CFLAGS_WARN) -fstack-protector-strong \
